@@ -1,0 +1,27 @@
+"""rlhfkit.kernels: the math the server and the trainers share.
+
+Sampling (temperature / top-k / top-p with per-row seeds) and the fused functions over
+logits: chosen-token log-probs, entropy, KL to a reference (ARCHITECTURE.md, Kernels).
+"""
+
+from rlhfkit.kernels.sampling import (
+    MAX_LOGPROBS,
+    MAX_N,
+    SAMPLING_EPS,
+    SamplingParams,
+    SamplingParamsError,
+    filter_logits,
+    sample_tokens,
+    sampling_tensors,
+)
+
+__all__ = [
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "SAMPLING_EPS",
+    "SamplingParams",
+    "SamplingParamsError",
+    "filter_logits",
+    "sample_tokens",
+    "sampling_tensors",
+]

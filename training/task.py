@@ -1,0 +1,215 @@
+"""The bundled task: small instructions generated in code, and a programmatic annotator.
+
+    sort the numbers: 7 3 9 1\nanswer:   ->  " 1 3 7 9"
+    reverse the words: cat dog tree\nanswer:   ->  " tree dog cat"
+    count the words: cat dog tree\nanswer:   ->  " 3"
+
+It stands in for people at both ends of InstructGPT's loop. Demonstrators are careless:
+a fraction of their demonstrations carry a mistake (two items swapped, one dropped or
+repeated), so SFT alone learns the task imperfectly. Annotators compare two responses by
+a hidden utility (how much of the right answer is in the right place), and they are noisy
+like people: they choose a over b with Bradley-Terry probability σ((u_a - u_b) / τ), so
+close calls go either way. Rankings are drawn from the matching Plackett-Luce model.
+Everything is a pure function of a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import write_jsonl
+
+WORDS = "cat dog bird fish tree river stone cloud red green blue small large quick slow".split()
+KINDS = ("sort", "reverse", "count")
+_INSTRUCTIONS = {"sort": "sort the numbers", "reverse": "reverse the words", "count": "count the words"}
+_PROMPT_RE = re.compile(r"^(sort the numbers|reverse the words|count the words): (.*)\nanswer:$")
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str
+    items: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        return f"{_INSTRUCTIONS[self.kind]}: {' '.join(self.items)}\nanswer:"
+
+    @property
+    def answer(self) -> str:
+        """The correct completion (with the leading space that follows 'answer:')."""
+        return " " + " ".join(correct_items(self))
+
+
+def correct_items(example: Example) -> list[str]:
+    if example.kind == "sort":
+        return sorted(example.items, key=int)
+    if example.kind == "reverse":
+        return list(reversed(example.items))
+    return [str(len(example.items))]
+
+
+def make_example(rng: random.Random, min_items: int = 2, max_items: int = 5) -> Example:
+    kind = rng.choice(KINDS)
+    n = rng.randint(min_items, max_items)
+    if kind == "sort":
+        items = tuple(str(rng.randint(0, 9)) for _ in range(n))
+    else:
+        items = tuple(rng.choice(WORDS) for _ in range(n))
+    return Example(kind, items)
+
+
+def parse_prompt(prompt: str) -> Example:
+    match = _PROMPT_RE.match(prompt)
+    if not match:
+        raise ValueError(f"not a prompt of the bundled task: {prompt!r}")
+    kind = next(k for k, text in _INSTRUCTIONS.items() if text == match.group(1))
+    return Example(kind, tuple(match.group(2).split()))
+
+
+def utility(prompt: str, response: str) -> float:
+    """The annotators' hidden utility in [0, 1]: the fraction of answer positions right,
+    over the longer of answer and response (extra or missing items cost). For counting,
+    1 - |error| / n. This is also the gold reward to evaluate a trained policy with."""
+    example = parse_prompt(prompt)
+    target, got = correct_items(example), response.split()
+    if example.kind == "count":
+        if len(got) != 1 or not got[0].isdigit():
+            return 0.0
+        return max(0.0, 1.0 - abs(int(got[0]) - len(example.items)) / len(example.items))
+    right = sum(a == b for a, b in zip(target, got))
+    return right / max(len(target), len(got))
+
+
+def corrupt(example: Example, rng: random.Random, mistakes: int = 1) -> str:
+    """A plausible wrong answer: `mistakes` random edits of the right one."""
+    items = correct_items(example)
+    for _ in range(mistakes):
+        if example.kind == "count":
+            items = [str(max(0, int(items[0]) + rng.choice([-2, -1, 1, 2])))]
+            continue
+        edit = rng.choice(["swap", "drop", "repeat", "replace"])
+        if edit == "swap" and len(items) >= 2:
+            i = rng.randrange(len(items) - 1)
+            items[i], items[i + 1] = items[i + 1], items[i]
+        elif edit == "drop" and len(items) >= 2:
+            items.pop(rng.randrange(len(items)))
+        elif edit == "repeat":
+            i = rng.randrange(len(items))
+            items.insert(i, items[i])
+        else:
+            pool = [str(d) for d in range(10)] if example.kind == "sort" else WORDS
+            items[rng.randrange(len(items))] = rng.choice(pool)
+    return " " + " ".join(items)
+
+
+def demonstration(example: Example, rng: random.Random, error_rate: float = 0.2) -> str:
+    """What a careless demonstrator writes: the right answer, or with probability
+    `error_rate` a slightly wrong one."""
+    return corrupt(example, rng) if rng.random() < error_rate else example.answer
+
+
+def candidate(example: Example, rng: random.Random) -> str:
+    """A response of varying quality, as a policy's samples would be."""
+    mistakes = rng.choice([0, 0, 1, 1, 2, 3])
+    return example.answer if mistakes == 0 else corrupt(example, rng, mistakes)
+
+
+def annotator_prefers_first(prompt: str, a: str, b: str, rng: random.Random, temperature: float = 0.1) -> bool:
+    """A noisy annotator: P(a ≻ b) = σ((u_a - u_b) / temperature). temperature 0 is a
+    perfect annotator (ties broken by a coin)."""
+    du = utility(prompt, a) - utility(prompt, b)
+    if temperature <= 0:
+        return du > 0 or (du == 0 and rng.random() < 0.5)
+    return rng.random() < 1.0 / (1.0 + math.exp(-du / temperature))
+
+
+def annotator_ranking(prompt: str, responses: list[str], rng: random.Random, temperature: float = 0.1) -> list[str]:
+    """Best to worst, Plackett-Luce with weights exp(u / temperature) (Gumbel-max trick),
+    whose pairwise marginals are the Bradley-Terry choices above."""
+    def noisy(r: str) -> float:
+        gumbel = -math.log(-math.log(rng.random() or 1e-300)) if temperature > 0 else rng.random() * 1e-9
+        return utility(prompt, r) / max(temperature, 1e-12) + gumbel
+    return [r for _, r in sorted(((noisy(r), r) for r in responses), key=lambda t: -t[0])]
+
+
+# ---------------------------------------------------------------- datasets
+
+def sft_records(n: int, seed: int = 0, error_rate: float = 0.2) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        example = make_example(rng)
+        records.append({"prompt": example.prompt, "completion": demonstration(example, rng, error_rate)})
+    return records
+
+
+def _distinct_candidates(example: Example, rng: random.Random, k: int) -> list[str]:
+    seen: list[str] = []
+    for _ in range(50 * k):
+        c = candidate(example, rng)
+        if c not in seen:
+            seen.append(c)
+        if len(seen) == k:
+            break
+    return seen
+
+
+def preference_records(n: int, seed: int = 0, temperature: float = 0.1) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    while len(records) < n:
+        example = make_example(rng)
+        pair = _distinct_candidates(example, rng, 2)
+        if len(pair) < 2:
+            continue
+        a, b = pair
+        if not annotator_prefers_first(example.prompt, a, b, rng, temperature):
+            a, b = b, a
+        records.append({"prompt": example.prompt, "chosen": a, "rejected": b})
+    return records
+
+
+def ranking_records(n: int, k: int = 4, seed: int = 0, temperature: float = 0.1) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    while len(records) < n:
+        example = make_example(rng)
+        responses = _distinct_candidates(example, rng, k)
+        if len(responses) < 2:
+            continue
+        records.append({"prompt": example.prompt, "responses": annotator_ranking(example.prompt, responses, rng, temperature)})
+    return records
+
+
+def prompt_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": make_example(rng).prompt} for _ in range(n)]
+
+
+def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000, n_rankings: int = 500,
+                    n_prompts: int = 500, n_eval: int = 200, seed: int = 0, error_rate: float = 0.2,
+                    temperature: float = 0.1) -> dict[str, Path]:
+    """Write train and eval files of every format under `out_dir`; returns name -> path.
+    Train and eval use different seeds (the same prompt may still appear in both: the
+    task is small)."""
+    out = Path(out_dir)
+    files = {
+        "sft": sft_records(n_sft, seed, error_rate),
+        "sft_eval": sft_records(n_eval, seed + 1, error_rate=0.0),
+        "preferences": preference_records(n_pairs, seed + 2, temperature),
+        "preferences_eval": preference_records(n_eval, seed + 3, temperature=0.0),
+        "rankings": ranking_records(n_rankings, 4, seed + 4, temperature),
+        "prompts": prompt_records(n_prompts, seed + 5),
+        "prompts_eval": prompt_records(n_eval, seed + 6),
+    }
+    return {name: write_jsonl(out / f"{name}.jsonl", records) for name, records in files.items()}
+
+
+def all_task_texts(n: int = 2000, seed: int = 0) -> list[str]:
+    """Prompt + answer strings, e.g. to train a tokenizer that knows the task's words."""
+    rng = random.Random(seed)
+    return [e.prompt + e.answer for e in (make_example(rng) for _ in range(n))]

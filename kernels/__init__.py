@@ -4,6 +4,8 @@ Sampling (temperature / top-k / top-p with per-row seeds) and the fused function
 logits: chosen-token log-probs, entropy, KL to a reference (ARCHITECTURE.md, Kernels).
 """
 
+from rlhfkit.kernels.backend import use_backend
+from rlhfkit.kernels.logprobs import logprobs_from_logits
 from rlhfkit.kernels.sampling import (
     MAX_LOGPROBS,
     MAX_N,
@@ -22,6 +24,8 @@ __all__ = [
     "SamplingParams",
     "SamplingParamsError",
     "filter_logits",
+    "logprobs_from_logits",
     "sample_tokens",
     "sampling_tensors",
+    "use_backend",
 ]

@@ -1,0 +1,278 @@
+"""Chosen-token log-probs (and entropy) from logits, reading the logits once.
+
+The naive `log_softmax(logits.float()).gather(labels)` materialises a float32 copy of the
+whole [N, V] logits, and its backward another one. Here one Triton program owns one row
+and streams it in blocks with an online log-sum-exp (running max m, running sum
+s = sum exp(z - m), running t = sum exp(z - m) (z - m) for the entropy), so the forward
+writes three floats per row and nothing else. The backward re-reads the row once:
+
+    z = logits / T,  lse = logsumexp(z),  p = softmax(z),  H = -sum p log p
+    d logp_y / d logits = (onehot_y - p) / T
+    d H / d logits      = -p (log p + H) / T
+
+The PyTorch path does the same math on row chunks of TORCH_CHUNK_ELEMENTS elements, so CPU
+training never holds more than a few float32 copies of one chunk.
+Ignored positions (label == ignore_index) give 0 log-prob, 0 entropy and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.kernels.backend import HAS_TRITON, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Rows per PyTorch chunk = TORCH_CHUNK_ELEMENTS // V: 2^20 float32 = 4 MiB per temporary,
+# small enough to stay in cache on CPU and far below a full [N, V] copy.
+TORCH_CHUNK_ELEMENTS = 1 << 20
+# Vocabulary block per loop step of a Triton program. The interpreter runs each block op
+# as one numpy call, so it prefers big blocks; a GPU wants a block that fits registers.
+MAX_BLOCK_V = {"cuda": 4096, "interpreter": 16384}
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def block_v(n_cols: int, device: torch.device) -> int:
+    limit = MAX_BLOCK_V["cuda" if device.type == "cuda" else "interpreter"]
+    return min(triton.next_power_of_2(n_cols), limit)
+
+
+def num_warps_for(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logprobs_fwd_kernel(
+        logits_ptr, logits_row_stride, labels_ptr, logp_ptr, lse_ptr, entropy_ptr,
+        n_cols, inv_temperature, ignore_index,
+        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        label = tl.load(labels_ptr + row)
+        keep = label != ignore_index
+        n_read = tl.where(keep, n_cols, 0)  # an ignored row reads nothing: no memory traffic
+        m = float("-inf")  # running max of z
+        s = 0.0  # sum exp(z - m)
+        t = 0.0  # sum exp(z - m) * (z - m), kept relative to m so H = log s - t/s has no cancellation
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf"))
+            z = z.to(tl.float32) * inv_temperature
+            m_new = tl.maximum(m, tl.max(z, 0))
+            # While everything so far is -inf (masked vocabulary), shift by 0, not by -inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            scale = tl.exp(m - m_safe)
+            e = tl.exp(z - m_safe)
+            if WITH_ENTROPY:
+                t = tl.where(s > 0, scale * (t + s * (m - m_safe)), 0.0)
+                t += tl.sum(tl.where(z > float("-inf"), e * (z - m_safe), 0.0), 0)
+            s = s * scale + tl.sum(e, 0)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.where(s > 0, s, 1.0)  # only an ignored row has s == 0; its outputs are zeroed below
+        lse = m_safe + tl.log(s)
+        safe_label = tl.where(keep, label, 0).to(tl.int64)
+        z_label = tl.load(row_ptr + safe_label, mask=keep, other=0.0).to(tl.float32) * inv_temperature
+        tl.store(logp_ptr + row, tl.where(keep, z_label - lse, 0.0))
+        tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(keep, tl.log(s) - t / s, 0.0))
+
+    @triton.jit
+    def _logprobs_bwd_kernel(
+        logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, entropy_ptr,
+        grad_logp_ptr, grad_entropy_ptr, n_cols, inv_temperature, ignore_index,
+        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        # grad_ptr may alias logits_ptr (the fused-linear path overwrites its logits chunk):
+        # each element is read before it is written, by the same program.
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        grad_row_ptr = grad_ptr + row * grad_row_stride
+        label = tl.load(labels_ptr + row)
+        keep = label != ignore_index
+        n_read = tl.where(keep, n_cols, 0)  # an ignored row reads nothing and writes zeros
+        lse = tl.load(lse_ptr + row)
+        g_logp = tl.where(keep, tl.load(grad_logp_ptr + row), 0.0)
+        if WITH_ENTROPY:
+            entropy = tl.load(entropy_ptr + row)
+            g_entropy = tl.where(keep, tl.load(grad_entropy_ptr + row), 0.0)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf"))
+            z = z.to(tl.float32) * inv_temperature
+            p = tl.exp(z - lse)
+            grad = tl.where(cols == label, g_logp, 0.0) - g_logp * p
+            if WITH_ENTROPY:
+                # p (log p + H) is 0 * -inf = nan on masked entries; their true value is 0.
+                grad -= g_entropy * tl.where(z > float("-inf"), p * (z - lse + entropy), 0.0)
+            grad = grad * inv_temperature
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _triton_forward(logits, labels, temperature, ignore_index, with_entropy):
+    n_rows, n_cols = logits.shape
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
+    if n_rows == 0:
+        return logp, lse, entropy
+    block = block_v(n_cols, logits.device)
+    _logprobs_fwd_kernel[(n_rows,)](
+        logits, logits.stride(0), labels, logp, lse, entropy, n_cols, 1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+    )
+    return logp, lse, entropy
+
+
+def _triton_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                     with_entropy, out=None):
+    n_rows, n_cols = logits.shape
+    grad = torch.empty_like(logits) if out is None else out
+    if n_rows == 0:
+        return grad
+    block = block_v(n_cols, logits.device)
+    _logprobs_bwd_kernel[(n_rows,)](
+        logits, logits.stride(0), grad, grad.stride(0), labels, lse, entropy,
+        grad_logp.contiguous(), grad_entropy.contiguous(), n_cols, 1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+    )
+    return grad
+
+
+def _row_chunks(labels: torch.Tensor, ignore_index: int, n_cols: int):
+    """Yield (rows, keep) for the PyTorch path: a slice, or kept row indices, of at most
+    TORCH_CHUNK_ELEMENTS elements; ignored rows are skipped (they are often half of SFT)."""
+    step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        for start in range(0, labels.shape[0], step):
+            yield slice(start, start + step)
+    else:
+        kept = keep.nonzero().squeeze(1)
+        for start in range(0, kept.shape[0], step):
+            yield kept[start:start + step]
+
+
+def _float32_rows(logits, rows, temperature):
+    z = logits[rows].to(torch.float32, copy=True)  # copy: fp32 input must not be modified
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
+    n_rows, n_cols = logits.shape
+    logp = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.zeros_like(logp)
+    entropy = torch.zeros_like(logp)
+    for rows in _row_chunks(labels, ignore_index, n_cols):
+        z = _float32_rows(logits, rows, temperature)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        lse[rows] = chunk_lse
+        logp[rows] = z.gather(1, labels[rows].unsqueeze(1)).squeeze(1) - chunk_lse
+        if with_entropy:
+            z.sub_(chunk_lse.unsqueeze(1))  # log p
+            p = z.exp()
+            z.clamp_(min=_FLOAT32_MIN)  # masked entries: p * log p = 0 * finite, not 0 * -inf
+            entropy[rows] = -(p * z).sum(-1)
+    return logp, lse, entropy
+
+
+def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                    with_entropy, out=None):
+    n_rows, n_cols = logits.shape
+    # Kept rows are all written below; ignored rows are never read, so zeroing them first is
+    # safe even when `out` is the logits tensor itself.
+    grad = torch.empty_like(logits) if out is None else out
+    grad[labels == ignore_index] = 0
+    for rows in _row_chunks(labels, ignore_index, n_cols):
+        z = _float32_rows(logits, rows, temperature)
+        z.sub_(lse[rows].unsqueeze(1))  # log p
+        p = z.exp()
+        g_logp = grad_logp[rows].unsqueeze(1)
+        g = p * -g_logp
+        if with_entropy:
+            z.clamp_(min=_FLOAT32_MIN).add_(entropy[rows].unsqueeze(1)).mul_(p).mul_(grad_entropy[rows].unsqueeze(1))
+            g.sub_(z)
+        g.scatter_add_(1, labels[rows].unsqueeze(1), g_logp)
+        if temperature != 1.0:
+            g.div_(temperature)
+        grad[rows] = g.to(grad.dtype)
+    return grad
+
+
+def rows_forward(logits, labels, temperature, ignore_index, with_entropy, backend):
+    """(logp, lse, entropy) per row of a 2-D logits tensor with unit stride in its last dim."""
+    impl = _triton_forward if backend == "triton" else _torch_forward
+    return impl(logits, labels, float(temperature), int(ignore_index), bool(with_entropy))
+
+
+def rows_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                  with_entropy, backend, out=None):
+    """Gradient w.r.t. the 2-D logits, in their dtype; `out` may be the logits themselves."""
+    impl = _triton_backward if backend == "triton" else _torch_backward
+    return impl(logits, labels, lse, entropy, grad_logp, grad_entropy, float(temperature),
+                int(ignore_index), bool(with_entropy), out=out)
+
+
+class LogProbsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
+        logp, lse, entropy = rows_forward(logits, labels, temperature, ignore_index, with_entropy, backend)
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.args = (temperature, ignore_index, with_entropy, backend)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, backend = ctx.args
+        grad = rows_backward(logits, labels, lse, entropy, grad_logp.float(), grad_entropy.float(),
+                             temperature, ignore_index, with_entropy, backend)
+        return grad, None, None, None, None, None
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must be logits {tuple(logits.shape)} without the last dim")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """log softmax(logits / temperature)[label] per position, float32, shaped like labels.
+
+    With return_entropy=True also the entropy of softmax(logits / temperature) per position,
+    as a tuple (logprobs, entropy). Positions whose label is ignore_index give 0 for both and
+    no gradient. Differentiable w.r.t. logits; the gradient comes back in the logits' dtype.
+    """
+    _check(logits, labels, temperature)
+    lead_shape = labels.shape
+    logits2d = logits.reshape(-1, logits.shape[-1])
+    if logits2d.shape[0] and logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    labels1d = labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
+    backend = resolve_backend(logits)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logp, entropy = LogProbsFunction.apply(logits2d, labels1d, temperature, ignore_index, return_entropy, backend)
+    else:  # the server's decode step: no autograd bookkeeping
+        logp, _, entropy = rows_forward(logits2d, labels1d, temperature, ignore_index, return_entropy, backend)
+    logp = logp.reshape(lead_shape)
+    return (logp, entropy.reshape(lead_shape)) if return_entropy else logp

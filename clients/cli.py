@@ -1,0 +1,188 @@
+"""The `rlhfkit` command line.
+
+Client commands (generate, score, compare, models) talk to a running server and need only
+grpc; `serve`, `train` and `init-demo` import the server or the training module when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from rlhfkit.clients.client import Client, score_request
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _client_args(p: argparse.ArgumentParser):
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the call")
+    p.add_argument("--json", action="store_true", help="print the full response as JSON (machine-readable)")
+    p.add_argument("--model", default="", help="model name or role (default: the role's model)")
+
+
+def _print_json(msg):
+    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def cmd_generate(args) -> int:
+    kwargs = dict(model=args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop or (),
+                  logprobs=args.logprobs, ignore_eos=args.ignore_eos)
+    with Client(args.address, timeout=args.timeout) as client:
+        if args.stream:
+            for chunk in client.generate_stream(args.prompt, **kwargs):
+                if args.json:
+                    print(json.dumps(MessageToDict(chunk, preserving_proto_field_name=True)), flush=True)
+                else:
+                    print(chunk.text, end="", flush=True)
+            if not args.json:
+                print()
+            return 0
+        resp = client.generate(args.prompt, **kwargs)
+    if args.json:
+        _print_json(resp)
+    else:
+        for c in resp.completions:
+            if len(resp.completions) > 1:
+                print(f"--- completion {c.index}")
+            print(c.text)
+    return 0
+
+
+def cmd_score(args) -> int:
+    with Client(args.address, timeout=args.timeout) as client:
+        resp = client.reward.Score(score_request([(args.prompt, r) for r in args.responses], args.model),
+                                   timeout=args.timeout)
+    if args.json:
+        _print_json(resp)
+    else:
+        for r, text in zip(resp.rewards, args.responses):
+            print(f"{r:+.4f}\t{text}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    with Client(args.address, timeout=args.timeout) as client:
+        resp = client.compare(args.prompt, args.response_a, args.response_b, model=args.model)
+    if args.json:
+        _print_json(resp)
+    else:
+        print(f"P(a preferred) = {resp.prob_a_preferred:.4f}  (r_a={resp.reward_a:+.4f}, r_b={resp.reward_b:+.4f})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    with Client(args.address, timeout=args.timeout) as client:
+        models = client.list_models()
+    if args.json:
+        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
+    else:
+        for m in models:
+            print(f"{m.name:12s} {m.role:9s} {m.version:20s} {m.stage or '-':4s} {m.num_parameters:>12,d} params  {m.path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from rlhfkit.server.app import main as serve_main
+
+    return serve_main(args)
+
+
+def cmd_init_demo(args) -> int:
+    from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
+
+    tok = train_tokenizer(sample_corpus())
+    policy = make_tiny_checkpoint(f"{args.out}/policy", "policy", tok, seed=args.seed)
+    reward = make_tiny_checkpoint(f"{args.out}/reward", "reward", tok, seed=args.seed + 1)
+    print(f"random-weight demo models (they babble; train real ones with `rlhfkit train`):\n"
+          f"  policy: {policy}\n  reward: {reward}\n"
+          f"serve them with: rlhfkit serve --policy {policy} --reward {reward}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit",
+        description="Serve and improve an RLHF-trained language model. "
+                    "Start a server with `rlhfkit serve`, then call it with generate / score / compare / models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve a policy and a reward model over gRPC",
+                       description="Serve Hugging Face checkpoints over gRPC (Generation, Reward, Models, health, "
+                                   "reflection) with Prometheus metrics on --metrics-port.")
+    try:
+        from rlhfkit.server.app import add_arguments
+    except ImportError as e:  # the client-only install has no torch
+        p.set_defaults(func=lambda a: sys.exit(f"rlhfkit serve needs the server's dependencies: {e}"))
+    else:
+        add_arguments(p)
+        p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate text from a running server",
+                       description="Generate from a running server. Temperature 0 (the default) is greedy.")
+    p.add_argument("prompt", help="prompt text")
+    _client_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 disables top-k (default: 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    p.add_argument("--n", type=int, default=1, help="completions for the prompt, 1..16 (default: 1)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    p.add_argument("--logprobs", type=int, default=0, help="top alternatives per token to return, 0..20")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="score responses with the served reward model",
+                       description="Reward of each RESPONSE to PROMPT (the model reads prompt + response).")
+    p.add_argument("prompt")
+    p.add_argument("responses", nargs="+", metavar="RESPONSE")
+    _client_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("compare", help="P(response a preferred over b) from the reward model")
+    p.add_argument("prompt")
+    p.add_argument("response_a")
+    p.add_argument("response_b")
+    _client_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("models", help="list the served models")
+    _client_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("init-demo", help="write a random-weight tiny policy and reward model to serve",
+                       description="Write a tiny Llama policy and reward model with random weights and a tokenizer "
+                                   "trained on the spot (no download). For trying the server, not for quality.")
+    p.add_argument("--out", default="demo", help="output directory (default: demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_demo)
+
+    sub.add_parser("train", help="train SFT / reward model / PPO / DPO checkpoints (`rlhfkit train --help`)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":  # the trainers build their own CLI from their configs
+        try:
+            from rlhfkit.training.cli import main as train_main
+        except ImportError as e:
+            sys.exit(f"rlhfkit train is not available: {e}")
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except grpc.RpcError as e:
+        sys.exit(f"rlhfkit {args.command}: {e.code().name}: {e.details()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

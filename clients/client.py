@@ -1,0 +1,142 @@
+"""Python clients for a running rlhfkit server: `Client` (blocking) and `AsyncClient`
+(asyncio). Both return the protobuf messages of rlhfkit.v1; errors are grpc.RpcError
+(grpc.aio.AioRpcError) carrying the server's status code and message."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+
+def generate_request(prompt: str | None = None, *, prompt_token_ids: Iterable[int] = (), model: str = "",
+                     temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
+                     seed: int | None = None, max_new_tokens: int = 16, n: int = 1, stop: Iterable[str] = (),
+                     logprobs: int = 0, ignore_eos: bool = False, request_id: str = "") -> generation_pb2.GenerateRequest:
+    """A GenerateRequest; temperature 0 (the default) is greedy."""
+    sampling = generation_pb2.SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
+                                             n=n, stop=list(stop), logprobs=logprobs, ignore_eos=ignore_eos)
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    return generation_pb2.GenerateRequest(model=model, prompt=prompt or "", prompt_token_ids=list(prompt_token_ids),
+                                          sampling=sampling, request_id=request_id)
+
+
+def score_request(items: Iterable[tuple[str, str]], model: str = "") -> reward_pb2.ScoreRequest:
+    return reward_pb2.ScoreRequest(model=model, items=[reward_pb2.ScoreItem(prompt=p, response=r) for p, r in items])
+
+
+def compare_request(prompt: str, response_a: str, response_b: str, model: str = "") -> reward_pb2.CompareRequest:
+    return reward_pb2.CompareRequest(model=model, prompt=prompt, response_a=response_a, response_b=response_b)
+
+
+class _Stubs:
+    def __init__(self, channel):
+        self.channel = channel
+        self.generation = generation_pb2_grpc.GenerationStub(channel)
+        self.reward = reward_pb2_grpc.RewardStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+        self.health_stub = health_pb2_grpc.HealthStub(channel)
+
+
+class Client(_Stubs):
+    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
+        super().__init__(grpc.insecure_channel(address))
+        self.timeout = timeout
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> generation_pb2.GenerateResponse:
+        return self.generation.Generate(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                        **kwargs) -> Iterator[generation_pb2.GenerateChunk]:
+        return self.generation.GenerateStream(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    def score(self, items: Iterable[tuple[str, str]], model: str = "", timeout: float | None = None) -> list[float]:
+        return list(self.reward.Score(score_request(items, model), timeout=timeout or self.timeout).rewards)
+
+    def compare(self, prompt: str, response_a: str, response_b: str, model: str = "",
+                timeout: float | None = None) -> reward_pb2.CompareResponse:
+        return self.reward.Compare(compare_request(prompt, response_a, response_b, model), timeout=timeout or self.timeout)
+
+    def list_models(self, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
+        return list(self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout or self.timeout).models)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... for the server (or one service)."""
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 120.0):
+        """Block until the server reports SERVING (models loaded)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=5) == "SERVING":
+                    return self
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient(_Stubs):
+    """asyncio client; use inside a running event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
+        super().__init__(grpc.aio.insecure_channel(address))
+        self.timeout = timeout
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kwargs) -> generation_pb2.GenerateResponse:
+        return await self.generation.Generate(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    async def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                              **kwargs) -> AsyncIterator[generation_pb2.GenerateChunk]:
+        call = self.generation.GenerateStream(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        async for chunk in call:
+            yield chunk
+
+    async def score(self, items: Iterable[tuple[str, str]], model: str = "", timeout: float | None = None) -> list[float]:
+        resp = await self.reward.Score(score_request(items, model), timeout=timeout or self.timeout)
+        return list(resp.rewards)
+
+    async def compare(self, prompt: str, response_a: str, response_b: str, model: str = "",
+                      timeout: float | None = None) -> reward_pb2.CompareResponse:
+        return await self.reward.Compare(compare_request(prompt, response_a, response_b, model),
+                                         timeout=timeout or self.timeout)
+
+    async def list_models(self, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
+        resp = await self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout or self.timeout)
+        return list(resp.models)
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def close(self):
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

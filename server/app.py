@@ -1,0 +1,188 @@
+"""`rlhfkit serve`: the gRPC server process.
+
+It listens first (health NOT_SERVING), loads the models off the event loop, then turns
+SERVING; SIGINT/SIGTERM turn it NOT_SERVING, let calls in flight finish (grace period)
+and stop. Prometheus metrics are served on --metrics-port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
+from rlhfkit.server.engine import Engine
+from rlhfkit.server.metrics import ServerMetrics
+from rlhfkit.server.models import load_checkpoint
+from rlhfkit.server.service import GenerationService, ModelsService, RewardService, ServerState
+from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+log = logging.getLogger("rlhfkit.server")
+
+SERVICE_NAMES = [
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+]
+
+
+@dataclass
+class ServeConfig:
+    policy: str | None = field(default=None, metadata={"help": "Hugging Face causal-LM checkpoint directory to serve for generation"})
+    reward: str | None = field(default=None, metadata={"help": "reward model directory (AutoModelForSequenceClassification, num_labels=1)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for every interface)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and prints it)"})
+    metrics_port: int | None = field(default=None, metadata={"help": "HTTP port for Prometheus /metrics (off when unset; 0 picks one)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
+    max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
+    seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
+    grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
+
+    def __post_init__(self):
+        if not self.policy and not self.reward:
+            raise ValueError("nothing to serve: give --policy DIR and/or --reward DIR")
+        for name in ("port", "metrics_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {v}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+
+
+class RlhfkitServer:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.state = ServerState(self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+
+    async def start(self):
+        """Listen now; load the models in the background (health says NOT_SERVING meanwhile)."""
+        self.server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
+        reward_pb2_grpc.add_RewardServicer_to_server(RewardService(self.state), self.server)
+        models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(self.state), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
+                                            self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port} (port in use?)")
+        for name in [""] + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info("listening on %s:%d (metrics: %s)", self.config.host, self.port, self.metrics_port)
+        self.loading = asyncio.ensure_future(self._load_then_serve())
+
+    def _load(self):
+        c = self.config
+        for path, role in ((c.policy, "policy"), (c.reward, "reward")):
+            if path:
+                log.info("loading %s from %s", role, path)
+                m = load_checkpoint(path, role, device=c.device, dtype=c.dtype)
+                self.state.registry.add(m)
+                if role == "policy":
+                    self.state.engines[m.name] = Engine(m, c.max_num_seqs, c.max_waiting, self.metrics, c.seed)
+
+    async def _load_then_serve(self):
+        await asyncio.get_running_loop().run_in_executor(None, self._load)
+        self.state.loaded = True
+        for name in [""] + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", ", ".join(m.model_version for m in self.state.registry.models.values()))
+
+    async def wait_loaded(self):
+        await self.loading
+
+    async def stop(self, grace: float | None = None):
+        for name in [""] + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        for engine in self.state.engines.values():
+            engine.shutdown()
+        self.state.reward_pool.shutdown(wait=False)
+        if self._metrics_http:
+            self._metrics_http.shutdown()
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread (tests, benchmarks, notebooks)."""
+
+    def __init__(self, config: ServeConfig):
+        self.server = RlhfkitServer(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="rlhfkit-server", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.config.host}:{self.server.port}"
+
+    def wait_loaded(self, timeout: float = 120):
+        asyncio.run_coroutine_threadsafe(self.server.wait_loaded(), self.loop).result(timeout)
+        return self
+
+    def stop(self, grace: float = 0):
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+async def _serve_forever(config: ServeConfig):
+    server = RlhfkitServer(config)
+    await server.start()
+    print(f"rlhfkit: gRPC on {config.host}:{server.port}"
+          + (f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""),
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({waiter, server.loading}, return_when=asyncio.FIRST_COMPLETED)
+    if server.loading in done and server.loading.exception():
+        await server.stop(0)
+        raise SystemExit(f"rlhfkit serve: could not load a model: {server.loading.exception()}")
+    await waiter
+    log.info("shutting down (grace %.0fs)", config.grace_seconds)
+    await server.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_dataclass_arguments(parser, ServeConfig)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = dataclass_from_args(ServeConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"rlhfkit serve: {e}")
+    asyncio.run(_serve_forever(config))
+    return 0

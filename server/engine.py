@@ -1,0 +1,379 @@
+"""The native generation engine: one thread runs a step loop over a batch of sequences.
+
+Each step, cancelled and finished sequences leave the batch, waiting requests join it
+(their prompts are prefilled together, then their KV caches are merged into the running
+batch's, left-padded to a common length), and every running sequence decodes one token
+with its own sampling parameters (rlhfkit.kernels.sample_tokens). Attention masks and
+explicit position ids keep each row's numbers what they would be alone, so mixed
+prompt lengths do not change greedy results.
+
+The batch's KV cache is a Hugging Face DynamicCache; membership changes copy it
+(index_select / pad + cat). A paged cache that avoids those copies slots in behind
+`_Batch` without changing the scheduler or the request API.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from rlhfkit.kernels import SamplingParams, SamplingParamsError, sample_tokens, sampling_tensors
+from rlhfkit.server.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_ABORT = "length", "stop", "eos", "abort"
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down."""
+
+
+@dataclass
+class SequenceOutput:
+    """What one step added to one completion."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str | None = None
+    stop_reason: str = ""
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: "Request"
+    index: int
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    emitted_chars: int = 0
+    finish_reason: str | None = None
+    stop_reason: str = ""
+    last_token_time: float = 0.0
+
+
+@dataclass(eq=False)  # identity semantics: requests are dict keys
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    # Called from the engine thread with a list of SequenceOutput; must not block.
+    on_output: Callable[[list[SequenceOutput]], None]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    cancelled: bool = False
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.finish_reason for s in self.sequences)
+
+
+class _Batch:
+    """The running sequences with their KV cache, left-padded to a common length T:
+    mask [B, T] marks real positions, next_pos [B] is each row's next position id."""
+
+    def __init__(self):
+        self.seqs: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        self.next_pos: torch.Tensor | None = None
+        self.sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def keep(self, rows: list[int]):
+        """Keep only these rows, then drop leading columns no row uses any more."""
+        if len(rows) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in rows]
+        if not rows:
+            self.cache = self.mask = self.next_pos = self.sampling = None
+            return
+        idx = torch.tensor(rows, device=self.mask.device)
+        self.mask = self.mask.index_select(0, idx)
+        self.next_pos = self.next_pos.index_select(0, idx)
+        self.sampling = tuple(t.index_select(0, idx) for t in self.sampling)
+        start = int(self.mask.any(dim=0).int().argmax())
+        self.mask = self.mask[:, start:]
+        self.cache = DynamicCache(
+            [(l.keys.index_select(0, idx)[:, :, start:], l.values.index_select(0, idx)[:, :, start:])
+             for l in self.cache.layers])
+
+    def merge(self, other: "_Batch"):
+        """Append other's rows, left-padding whichever cache is shorter."""
+        if not self.seqs:
+            self.__dict__.update(other.__dict__)
+            return
+        T, U = self.mask.shape[1], other.mask.shape[1]
+        L = max(T, U)
+
+        def lpad(x, n, dim):
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        layers = []
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            layers.append((torch.cat([lpad(a.keys, L - T, 2), lpad(b.keys, L - U, 2)]),
+                           torch.cat([lpad(a.values, L - T, 2), lpad(b.values, L - U, 2)])))
+        self.cache = DynamicCache(layers)
+        self.mask = torch.cat([lpad(self.mask, L - T, 1), lpad(other.mask, L - U, 1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.sampling = tuple(torch.cat([a, b]) for a, b in zip(self.sampling, other.sampling))
+        self.seqs += other.seqs
+
+
+class Engine:
+    """Continuous-batching generation over one causal LM.
+
+    add_request() and abort() are thread-safe; everything else runs on the engine thread.
+    """
+
+    def __init__(self, lm: LoadedModel, max_num_seqs: int = 64, max_waiting: int = 1024,
+                 metrics=None, seed: int | None = None):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.device = lm.device
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        eos = getattr(lm.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = lm.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
+        self.default_generator = torch.Generator(device=self.device)
+        self.default_generator.manual_seed(seed if seed is not None else torch.seed())
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running = _Batch()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="rlhfkit-engine", daemon=True)
+        self._thread.start()
+
+    # ---- API (any thread) -------------------------------------------------------------
+
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams):
+        """Checks that need the model; raise SamplingParamsError naming the field."""
+        if not prompt_ids:
+            raise SamplingParamsError("prompt", "is empty: give prompt text or prompt_token_ids")
+        bad = [t for t in prompt_ids if t >= self.vocab_size]
+        if bad:
+            raise SamplingParamsError("prompt_token_ids",
+                                      f"token id {bad[0]} is out of range [0, {self.vocab_size})")
+        if len(prompt_ids) + params.max_new_tokens > self.lm.context_length:
+            raise SamplingParamsError(
+                "max_new_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {self.lm.context_length} tokens; shorten the prompt or lower "
+                f"max_new_tokens to at most {max(self.lm.context_length - len(prompt_ids), 0)}")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    on_output: Callable[[list[SequenceOutput]], None], request_id: str = "") -> Request:
+        self.validate_prompt(prompt_ids, params)
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, on_output)
+        req.sequences = [Sequence(req, i, params.generator(i, self.device)) for i in range(params.n)]
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting "
+                                     f"(--max-waiting {self.max_waiting}); retry later")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, req: Request):
+        """Stop decoding this request; its slots are freed at the next step."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify()
+
+    def shutdown(self):
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ---- engine thread ----------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not len(self._running):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                free = self.max_num_seqs - len(self._running)
+                admitted = []
+                while self._waiting and (len(self._waiting[0].sequences) <= free or not admitted and not len(self._running)):
+                    req = self._waiting.popleft()
+                    if req.cancelled:
+                        continue
+                    admitted.append(req)
+                    free -= len(req.sequences)
+            try:
+                with torch.inference_mode():
+                    self._step(admitted)
+            except Exception:  # a bug must not kill the loop silently: fail the batch loudly
+                log.exception("engine step failed; aborting the running requests")
+                for seq in self._running.seqs + [s for r in admitted for s in r.sequences]:
+                    if not seq.finish_reason:
+                        seq.finish_reason = FINISH_ABORT
+                        seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "engine error")])
+                self._running = _Batch()
+            self._update_gauges()
+        for seq in self._running.seqs:
+            seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "shutdown")])
+
+    def _update_gauges(self):
+        if self.metrics:
+            self.metrics.num_requests_running.set(len({id(s.request) for s in self._running.seqs}))
+            self.metrics.num_requests_waiting.set(len(self._waiting))
+
+    def _step(self, admitted: list[Request]):
+        batch = self._running
+        # Cancelled requests leave before any compute is spent on them.
+        batch.keep([i for i, s in enumerate(batch.seqs) if not s.request.cancelled])
+        now = time.monotonic()
+        if admitted:
+            if self.metrics:
+                for req in admitted:
+                    self.metrics.request_queue_time.observe(now - req.arrival_time)
+                    self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            new = self._prefill(admitted)
+            batch.merge(new)
+        elif len(batch):
+            logits = self._decode(batch)
+            self._append_tokens(batch, logits)
+        batch.keep([i for i, s in enumerate(batch.seqs) if not s.finish_reason])
+
+    def _prefill(self, requests: list[Request]) -> _Batch:
+        """Run the new prompts (left-padded together) and sample their first tokens."""
+        seqs = [s for r in requests for s in r.sequences]
+        L = max(len(s.request.prompt_ids) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            p = s.request.prompt_ids
+            ids[i, L - len(p):] = torch.tensor(p)
+            mask[i, L - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        new = _Batch()
+        new.seqs, new.cache, new.mask = seqs, out.past_key_values, mask
+        new.next_pos = mask.sum(-1)
+        new.sampling = sampling_tensors([s.request.params for s in seqs], self.device)
+        self._append_tokens(new, out.logits[:, -1])
+        return new
+
+    def _decode(self, batch: _Batch) -> torch.Tensor:
+        last = torch.tensor([s.token_ids[-1] for s in batch.seqs], device=self.device).unsqueeze(-1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+        out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos.unsqueeze(-1),
+                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+        batch.cache = out.past_key_values
+        batch.next_pos = batch.next_pos + 1
+        return out.logits[:, -1]
+
+    def _append_tokens(self, batch: _Batch, logits: torch.Tensor):
+        """Sample one token per row, record it, detokenize, check stop conditions, emit."""
+        logits = logits.float()
+        temperature, top_k, top_p = batch.sampling
+        tokens = sample_tokens(logits, temperature, top_k, top_p,
+                               [s.generator for s in batch.seqs], self.default_generator)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        chosen = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+        want_top = max(s.request.params.logprobs for s in batch.seqs)
+        if want_top:
+            top_v, top_i = logp_all.topk(want_top, dim=-1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+        tokens = tokens.tolist()
+        now = time.monotonic()
+        outputs: dict[Request, list[SequenceOutput]] = {}
+        for row, seq in enumerate(batch.seqs):
+            req, params = seq.request, seq.request.params
+            tok = tokens[row]
+            seq.token_ids.append(tok)
+            seq.logprobs.append(chosen[row])
+            top = [list(zip(top_i[row][:params.logprobs], top_v[row][:params.logprobs]))] if params.logprobs else []
+            if self.metrics:
+                if req.first_token_time is None:
+                    self.metrics.time_to_first_token.observe(now - req.arrival_time)
+                elif seq.last_token_time:
+                    self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+                self.metrics.generation_tokens.inc()
+            if req.first_token_time is None:
+                req.first_token_time = now
+            seq.last_token_time = now
+            if tok in self.eos_ids and not params.ignore_eos:
+                seq.finish_reason = FINISH_EOS
+            elif len(seq.token_ids) >= params.max_new_tokens:
+                seq.finish_reason = FINISH_LENGTH
+            new_text = self._new_text(seq)
+            outputs.setdefault(req, []).append(SequenceOutput(seq.index, [tok], [chosen[row]], new_text, top,
+                                                              seq.finish_reason, seq.stop_reason))
+        # One delivery per request per step.
+        for req, outs in outputs.items():
+            req.on_output(outs)
+            if req.finished and self.metrics:
+                self.metrics.e2e_request_latency.observe(now - req.arrival_time)
+
+    def _new_text(self, seq: Sequence) -> str:
+        """Text to emit now: decoded so far, minus a tail that could still become a stop
+        string or is an incomplete character; everything left once the sequence ends."""
+        stops = seq.request.params.stop
+        text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        if stops:
+            # Search only where a stop string could newly appear.
+            start = max(0, seq.emitted_chars - max(map(len, stops)))
+            hits = [(text.find(s, start), s) for s in stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                seq.finish_reason, seq.stop_reason = FINISH_STOP, s
+                text = text[:i]
+        if seq.finish_reason:
+            end = len(text)
+        else:
+            end = len(text) - (max(map(len, stops)) - 1 if stops else 0)
+            while end > seq.emitted_chars and text[end - 1] == "\ufffd":
+                end -= 1  # a multi-byte character still being assembled
+        new = text[seq.emitted_chars:end] if end > seq.emitted_chars else ""
+        seq.emitted_chars = max(seq.emitted_chars, end)
+        seq.text = text[:seq.emitted_chars] if not seq.finish_reason else text
+        return new

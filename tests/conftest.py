@@ -21,3 +21,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlhfkit.training.tiny import sample_corpus, train_tokenizer
+
+    return train_tokenizer(sample_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory, tiny_tokenizer):
+    """A random-weight Llama causal LM with a tokenizer trained on the spot."""
+    from rlhfkit.training.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "policy", "policy", tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_tokenizer):
+    """A random-weight Llama reward model (sequence classification, num_labels=1)."""
+    from rlhfkit.training.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "reward", "reward", tiny_tokenizer, seed=1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import write_jsonl
@@ -207,6 +207,34 @@ def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000,
         "prompts_eval": prompt_records(n_eval, seed + 6),
     }
     return {name: write_jsonl(out / f"{name}.jsonl", records) for name, records in files.items()}
+
+
+@dataclass
+class TaskDataConfig:
+    """Write the bundled task's JSONL files (SFT, preferences, rankings, prompts)."""
+
+    output_dir: str = field(metadata={"help": "directory for sft.jsonl, preferences.jsonl, rankings.jsonl, prompts.jsonl and *_eval.jsonl"})
+    n_sft: int = field(default=2000, metadata={"help": "demonstrations"})
+    n_pairs: int = field(default=2000, metadata={"help": "preference pairs"})
+    n_rankings: int = field(default=500, metadata={"help": "rankings of 4 responses"})
+    n_prompts: int = field(default=500, metadata={"help": "PPO prompts"})
+    n_eval: int = field(default=200, metadata={"help": "examples in each eval file"})
+    seed: int = field(default=0, metadata={"help": "everything is a pure function of this seed"})
+    error_rate: float = field(default=0.2, metadata={"help": "fraction of demonstrations with a mistake"})
+    temperature: float = field(default=0.1, metadata={"help": "annotator noise: P(a > b) = sigmoid((u_a - u_b) / temperature); 0 is noiseless"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate must be in [0, 1], got {self.error_rate}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def write_task_data_from_config(config: TaskDataConfig) -> dict[str, str]:
+    c = config
+    files = write_task_data(c.output_dir, c.n_sft, c.n_pairs, c.n_rankings, c.n_prompts, c.n_eval, c.seed,
+                            c.error_rate, c.temperature)
+    return {name: str(path) for name, path in files.items()}
 
 
 def all_task_texts(n: int = 2000, seed: int = 0) -> list[str]:

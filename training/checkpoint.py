@@ -1,0 +1,90 @@
+"""Publishing checkpoints: the hand-off from training to serving (ARCHITECTURE.md, Checkpoints).
+
+A checkpoint is a Hugging Face `save_pretrained` directory plus `rlhfkit.json`:
+{stage, parent, base_model, data_fingerprint, metrics, created_at, ...}. It is written
+under a temporary name beside its final place, every file fsynced, then renamed: the
+server, which reloads a role when a newer checkpoint appears, never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+INFO_FILE = "rlhfkit.json"
+STAGES = ("sft", "rm", "ppo", "dpo")
+
+
+def read_info(checkpoint_dir: str | Path) -> dict:
+    """The checkpoint's rlhfkit.json, or {} for a checkpoint made elsewhere."""
+    path = Path(checkpoint_dir) / INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, parent: str | Path | None,
+                       data_fingerprint: str | None = None, metrics: dict | None = None,
+                       overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Save `model` and `tokenizer` to `output_dir` atomically, with rlhfkit.json.
+
+    base_model is inherited from the parent's rlhfkit.json (the model the lineage started
+    from), else the parent itself. With overwrite=True an existing checkpoint is moved
+    aside and replaced by one rename; without it, an existing directory is an error.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    output_dir = Path(output_dir).absolute()
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    parent_str = str(Path(parent).absolute()) if parent is not None and Path(parent).exists() else (
+        str(parent) if parent is not None else None)
+    info = {
+        "stage": stage,
+        "parent": parent_str,
+        "base_model": (read_info(parent).get("base_model") if parent and Path(parent).exists() else None) or parent_str,
+        "data_fingerprint": data_fingerprint,
+        "metrics": metrics or {},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        _fsync_tree(tmp)
+        if output_dir.exists():
+            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output_dir)
+        _fsync_dir(output_dir.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir

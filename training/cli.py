@@ -1,0 +1,51 @@
+"""`rlhfkit train <stage> ...`: one subcommand per trainer, its flags generated from the
+trainer's config dataclass (field -> --field-name, type, default, help), so the CLI and
+the Python API can never drift apart. Prints the final metrics as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
+
+# stage -> (module, config class, train function); modules are imported only when listed
+# here, and their heavy imports (transformers) are what a training run needs anyway.
+STAGES = {
+    "data": ("rlhfkit.training.task", "TaskDataConfig", "write_task_data_from_config"),
+    "sft": ("rlhfkit.training.sft", "SFTConfig", "train_sft"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="rlhfkit train", description="Train SFT / reward model / PPO / DPO "
+                                     "checkpoints, or write the bundled task's data.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    entries = {}
+    for stage, (module_name, config_name, train_name) in STAGES.items():
+        module = importlib.import_module(module_name)
+        config_cls, train_fn = getattr(module, config_name), getattr(module, train_name)
+        doc = (config_cls.__doc__ or "").strip()
+        stage_parser = sub.add_parser(stage, help=doc.split("\n")[0], description=doc)
+        add_dataclass_arguments(stage_parser, config_cls)
+        entries[stage] = (config_cls, train_fn, stage_parser)
+    return parser, entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, entries = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    config_cls, train_fn, stage_parser = entries[args.stage]
+    try:
+        config = dataclass_from_args(config_cls, args)
+    except ValueError as e:  # the config's own validation, worded for a person
+        stage_parser.error(str(e))
+    result = train_fn(config)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

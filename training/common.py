@@ -1,0 +1,118 @@
+"""What every trainer shares: tokenising, padding, the LR schedule, the optimizer, the
+metrics log (JSONL, one line per logged step) and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> random.Random:
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+def encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`, the way the server encodes a prompt (tokenizer(text))."""
+    return tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+
+
+def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def batched(items: list, batch_size: int, rng: random.Random | None = None):
+    """Batches over `items`, shuffled by `rng` when given; the last one may be short."""
+    order = list(range(len(items)))
+    if rng is not None:
+        rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start:start + batch_size]]
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
+                   warmup_steps: int, min_lr_ratio: float):
+    # No decay on biases and norm weights (1-d tensors), as in nanoGPT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_lr_ratio))
+    return optimizer, scheduler
+
+
+def resolve_warmup(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    return warmup_steps if warmup_steps > 0 else int(round(warmup_ratio * total_steps))
+
+
+def default_log_dir(output_dir: str | Path) -> Path:
+    output_dir = Path(output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return output_dir.parent / "runs" / f"{output_dir.name}-{stamp}"
+
+
+class MetricsLog:
+    """Appends one JSON object per call to log_dir/metrics.jsonl (flushed, so a crashed run
+    keeps its curve) and draws log_dir/curves.png at the end."""
+
+    def __init__(self, log_dir: str | Path):
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._start = time.time()
+
+    def log(self, step: int, **metrics) -> dict:
+        row = {"step": step, "time": round(time.time() - self._start, 3),
+               **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        return row
+
+    def close(self) -> Path:
+        self._file.close()
+        return self.plot()
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+
+        keys = sorted({k for row in self.rows for k in row if k not in ("step", "time")})
+        out = self.dir / "curves.png"
+        fig, axes = plt.subplots(len(keys) or 1, 1, figsize=(6, 2.2 * max(1, len(keys))), squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
+            points = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), float)]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_ylabel(key, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(out, dpi=80)
+        plt.close(fig)
+        return out

@@ -1,0 +1,167 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Each example is prompt + completion + EOS; only completion and EOS tokens are trained on
+(the prompt is given, not predicted). The loss is the mean negative log-prob per trained
+token, computed by the shared kernel straight from the last hidden states and the LM head
+weight, so the [tokens, vocab] logits never exist in full.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .checkpoint import publish_checkpoint
+from .common import (MetricsLog, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
+                     resolve_warmup, seed_everything)
+from .data import fingerprint_files, read_jsonl
+from .ops import fused_linear_logprobs
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    """Fine-tune a causal LM on {"prompt", "completion"} JSONL."""
+
+    model: str = field(metadata={"help": "checkpoint to start from (a Hugging Face directory)"})
+    train_file: str = field(metadata={"help": "SFT JSONL, one {\"prompt\", \"completion\"} per line"})
+    output_dir: str = field(metadata={"help": "where to publish the fine-tuned checkpoint"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out SFT JSONL for the eval loss"})
+    max_length: int = field(default=256, metadata={"help": "truncate prompt + completion + EOS to this many tokens"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the training file"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
+    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
+    seed: int = field(default=0, metadata={"help": "random seed (shuffling, dropout)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set num_epochs > 0 or max_steps > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record: labels are IGNORE on the prompt. Prompt and completion
+    are encoded separately, as at generation time the completion follows the prompt's
+    tokens. Records whose completion does not fit at all are dropped."""
+    examples = []
+    for r in records:
+        prompt_ids = encode(tokenizer, r["prompt"])
+        completion_ids = encode(tokenizer, r["completion"], special_tokens=False) + [tokenizer.eos_token_id]
+        ids = (prompt_ids + completion_ids)[:max_length]
+        labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
+        if any(label != IGNORE for label in labels[1:]):
+            examples.append((ids, labels))
+    return examples
+
+
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids = pad_right([ids for ids, _ in examples], pad_id)
+    labels = pad_right([lab for _, lab in examples], IGNORE)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in examples], 0)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def token_logprobs(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """log π(token_t | tokens_<t) for t >= 1, [B, T-1], 0 where labels[:, 1:] is IGNORE.
+    From the last hidden states and the LM head (models that rescale or soft-cap their
+    logits, e.g. Gemma 2, would need that applied here)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    weight = model.get_output_embeddings().weight
+    return fused_linear_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE)
+
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, int]:
+    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return -logp.sum() / max(n_tokens, 1), n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
+    """Mean NLL per completion token over `examples`."""
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in batched(examples, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        loss, n = sft_loss(model, batch)
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def train_sft(config: SFTConfig) -> dict:
+    """Train, publish the checkpoint, return the final metrics."""
+    rng = seed_everything(config.seed)
+    device = pick_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train = tokenize_sft(tokenizer, read_jsonl(config.train_file, "sft"), config.max_length)
+    evals = tokenize_sft(tokenizer, read_jsonl(config.eval_file, "sft"), config.max_length) if config.eval_file else []
+    if not train:
+        raise ValueError(f"{config.train_file}: no example has a completion token within max_length={config.max_length}")
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
+    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
+                                          config.min_lr_ratio)
+    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    metrics: dict = {"train_examples": len(train), "eval_examples": len(evals)}
+
+    step, tokens, start = 0, 0, time.time()
+    bar = tqdm(total=total_steps, desc="sft", disable=not config.progress)
+    while step < total_steps:
+        for chunk in batched(train, config.batch_size, rng):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            loss, n = sft_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step, tokens = step + 1, tokens + n
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            row = {}
+            if step % config.log_every == 0 or step == total_steps:
+                row = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                       "tokens": tokens}
+                metrics["train_loss"] = loss.item()
+            if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+                row["eval_loss"] = metrics["eval_loss"] = evaluate(model, evals, config.batch_size, pad_id, device)
+            if row:
+                log.log(step, **row)
+            if step >= total_steps:
+                break
+    bar.close()
+    metrics.update(steps=step, tokens=tokens, seconds=round(time.time() - start, 2))
+    plot = log.close()
+    publish_checkpoint(model, tokenizer, config.output_dir, stage="sft", parent=config.model,
+                       data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
+                       overwrite=config.overwrite,
+                       extra={"config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
+    return metrics

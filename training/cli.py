@@ -16,6 +16,7 @@ from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 STAGES = {
     "data": ("rlhfkit.training.task", "TaskDataConfig", "write_task_data_from_config"),
     "sft": ("rlhfkit.training.sft", "SFTConfig", "train_sft"),
+    "rm": ("rlhfkit.training.rm", "RMConfig", "train_rm"),
 }
 
 

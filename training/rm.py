@@ -1,0 +1,226 @@
+"""Reward model training (InstructGPT step 2).
+
+The RM starts from the SFT policy with its unembedding replaced by a scalar head
+(AutoModelForSequenceClassification, num_labels=1: TRL's RewardTrainer format). It reads
+prompt + response as one string, encoded by tokenizer(text), and its reward is the head
+at the last non-padding token: exactly how the server's Reward.Score reads it.
+
+Preferences are rankings of two. All responses of a batch's prompts go through one
+forward pass, and a ranking of K contributes all its C(K,2) pairs as one element
+(InstructGPT: this trains on each comparison once per epoch instead of K-1 times, which
+overfits). After training, a bias is measured so SFT demonstrations score 0 on average,
+which keeps PPO's reward on a known scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .checkpoint import publish_checkpoint
+from .common import (MetricsLog, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
+                     resolve_warmup, seed_everything)
+from .data import fingerprint_files, read_jsonl
+from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
+
+
+@dataclass
+class RMConfig:
+    """Train a reward model on preference pairs or K-wise rankings (JSONL)."""
+
+    model: str = field(metadata={"help": "SFT checkpoint to start from; its LM head is replaced by a scalar head"})
+    train_file: str = field(metadata={"help": "preferences {prompt, chosen, rejected[, margin]} or rankings {prompt, responses: [best, ..., worst]}"})
+    output_dir: str = field(metadata={"help": "where to publish the reward model"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out preferences or rankings: pairwise accuracy"})
+    data_format: Literal["auto", "preferences", "rankings"] = field(default="auto", metadata={"help": "format of the data files (auto: by the first line's keys)"})
+    sft_file: str | None = field(default=None, metadata={"help": "SFT demonstrations; after training, set the bias so they score 0 on average"})
+    max_length: int = field(default=256, metadata={"help": "truncate prompt + response to this many tokens (keeping the end, where the reward is read)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts (pairs or rankings) per step"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the data (InstructGPT: 1, the RM overfits fast)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
+    use_margin: bool = field(default=True, metadata={"help": "use a preference line's 'margin' (Llama 2) when present"})
+    center_coef: float = field(default=0.0, metadata={"help": "penalise the rewards' offset: coef * mean((r_c + r_r)^2) (TRL center_rewards_coefficient)"})
+    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set num_epochs > 0 or max_steps > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def read_rankings(path: str, data_format: str) -> list[dict]:
+    """Either format as {"prompt", "responses": [best, ...], "margin": float | None}."""
+    if data_format == "auto":
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        data_format = "rankings" if '"responses"' in first else "preferences"
+    records = read_jsonl(path, data_format)
+    if data_format == "rankings":
+        return [{"prompt": r["prompt"], "responses": r["responses"], "margin": None} for r in records]
+    return [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "margin": r.get("margin")}
+            for r in records]
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    # Keep the end: the reward is read at the last token.
+    return [encode(tokenizer, t)[-max_length:] for t in texts]
+
+
+def score_texts(model, tokenizer, texts: list[str], max_length: int, device) -> torch.Tensor:
+    """Rewards [N] of full texts (prompt + response), right-padded so the model reads the
+    last non-padding token."""
+    ids = encode_texts(tokenizer, texts, max_length)
+    input_ids = pad_right(ids, tokenizer.pad_token_id).to(device)
+    attention_mask = pad_right([[1] * len(x) for x in ids], 0).to(device)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def group_rewards(model, tokenizer, groups: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over every response of every group: rewards [B, Kmax] and mask."""
+    texts = [g["prompt"] + r for g in groups for r in g["responses"]]
+    flat = score_texts(model, tokenizer, texts, max_length, device)
+    k_max = max(len(g["responses"]) for g in groups)
+    rewards = torch.zeros(len(groups), k_max, device=device)
+    mask = torch.zeros(len(groups), k_max, dtype=torch.bool, device=device)
+    start = 0
+    for i, g in enumerate(groups):
+        k = len(g["responses"])
+        rewards[i, :k], mask[i, :k] = flat[start:start + k], True
+        start += k
+    return rewards, mask
+
+
+def rm_loss(rewards: torch.Tensor, mask: torch.Tensor, margins: list, center_coef: float) -> torch.Tensor:
+    if mask.shape[1] == 2 and bool(mask.all()):  # all pairs: the pairwise loss, with margins
+        margin = None
+        if any(m is not None for m in margins):
+            margin = torch.tensor([m or 0.0 for m in margins], dtype=rewards.dtype, device=rewards.device)
+        return pairwise_rm_loss(rewards[:, 0], rewards[:, 1], margin, center_coef)
+    loss = ranking_rm_loss(rewards, mask)
+    if center_coef:
+        loss = loss + center_coef * masked_mean(rewards ** 2, mask)
+    return loss
+
+
+def pair_accuracy(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(fraction of ordered pairs i < j with r_i > r_j, ties counting ½; number of pairs)."""
+    k = mask.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=mask.device), diagonal=1)
+    pairs = upper & mask[:, :, None] & mask[:, None, :]
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    n = int(pairs.sum())
+    return float((wins * pairs).sum()) / max(n, 1), n
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, groups, config: RMConfig, device) -> dict:
+    model.eval()
+    correct, pairs, loss_sum = 0.0, 0, 0.0
+    for chunk in batched(groups, config.batch_size):
+        rewards, mask = group_rewards(model, tokenizer, chunk, config.max_length, device)
+        acc, n = pair_accuracy(rewards, mask)
+        correct, pairs = correct + acc * n, pairs + n
+        loss_sum += ranking_rm_loss(rewards, mask).item() * len(chunk)
+    model.train()
+    return {"eval_accuracy": correct / max(pairs, 1), "eval_loss": loss_sum / len(groups)}
+
+
+@torch.no_grad()
+def mean_reward(model, tokenizer, records: list[dict], config: RMConfig, device) -> float:
+    model.eval()
+    texts = [r["prompt"] + r["completion"] for r in records]
+    total = sum(score_texts(model, tokenizer, chunk, config.max_length, device).sum().item()
+                for chunk in batched(texts, config.batch_size))
+    return total / len(texts)
+
+
+def train_rm(config: RMConfig) -> dict:
+    """Train, publish the reward model, return the final metrics."""
+    rng = seed_everything(config.seed)
+    device = pick_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{config.model}: the tokenizer has no pad token; the RM finds the last token by padding")
+    model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).train()
+
+    train = read_rankings(config.train_file, config.data_format)
+    evals = read_rankings(config.eval_file, config.data_format) if config.eval_file else []
+    if not config.use_margin:
+        for g in train:
+            g["margin"] = None
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * math.ceil(len(train) / config.batch_size)))
+    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
+    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
+                                          config.min_lr_ratio)
+    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    metrics: dict = {"train_groups": len(train), "eval_groups": len(evals)}
+
+    step, start = 0, time.time()
+    bar = tqdm(total=total_steps, desc="rm", disable=not config.progress)
+    while step < total_steps:
+        for chunk in batched(train, config.batch_size, rng):
+            rewards, mask = group_rewards(model, tokenizer, chunk, config.max_length, device)
+            loss = rm_loss(rewards, mask, [g["margin"] for g in chunk], config.center_coef)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            row = {}
+            if step % config.log_every == 0 or step == total_steps:
+                acc, _ = pair_accuracy(rewards.detach(), mask)
+                row = {"loss": loss.item(), "accuracy": acc, "grad_norm": grad_norm.item(),
+                       "lr": scheduler.get_last_lr()[0], "reward_best": rewards[:, 0].mean().item(),
+                       "reward_mean": masked_mean(rewards.detach(), mask).item()}
+                metrics.update(train_loss=row["loss"], train_accuracy=acc)
+            if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+                row.update(evaluate(model, tokenizer, evals, config, device))
+                metrics.update(eval_accuracy=row["eval_accuracy"], eval_loss=row["eval_loss"])
+            if row:
+                log.log(step, **row)
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # Llama's score head has no bias parameter, so the offset travels as metadata:
+    # served or PPO rewards are `reward + reward_bias` (0 when no SFT file is given).
+    reward_bias = 0.0
+    if config.sft_file:
+        reward_bias = -mean_reward(model, tokenizer, read_jsonl(config.sft_file, "sft"), config, device)
+    model.config.reward_bias = reward_bias
+    metrics.update(steps=step, seconds=round(time.time() - start, 2), reward_bias=reward_bias)
+    plot = log.close()
+    data_files = [config.train_file] + ([config.sft_file] if config.sft_file else [])
+    publish_checkpoint(model, tokenizer, config.output_dir, stage="rm", parent=config.model,
+                       data_fingerprint=fingerprint_files(data_files), metrics=metrics, overwrite=config.overwrite,
+                       extra={"reward_bias": reward_bias, "config": asdict(config), "metrics_file": str(log.path),
+                              "plot": str(plot)})
+    return metrics

@@ -5,6 +5,7 @@ logits: chosen-token log-probs, entropy, KL to a reference (ARCHITECTURE.md, Ker
 """
 
 from rlhfkit.kernels.backend import use_backend
+from rlhfkit.kernels.kl import KL_ESTIMATORS, full_kl_from_logits, kl_from_logprobs
 from rlhfkit.kernels.logprobs import logprobs_from_logits
 from rlhfkit.kernels.sampling import (
     MAX_LOGPROBS,
@@ -18,12 +19,15 @@ from rlhfkit.kernels.sampling import (
 )
 
 __all__ = [
+    "KL_ESTIMATORS",
     "MAX_LOGPROBS",
     "MAX_N",
     "SAMPLING_EPS",
     "SamplingParams",
     "SamplingParamsError",
     "filter_logits",
+    "full_kl_from_logits",
+    "kl_from_logprobs",
     "logprobs_from_logits",
     "sample_tokens",
     "sampling_tensors",

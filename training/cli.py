@@ -17,6 +17,7 @@ STAGES = {
     "data": ("rlhfkit.training.task", "TaskDataConfig", "write_task_data_from_config"),
     "sft": ("rlhfkit.training.sft", "SFTConfig", "train_sft"),
     "rm": ("rlhfkit.training.rm", "RMConfig", "train_rm"),
+    "dpo": ("rlhfkit.training.dpo", "DPOConfig", "train_dpo"),
 }
 
 

@@ -1,0 +1,185 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the policy learns from preference
+pairs directly, with the SFT model as the reference and no reward model or rollouts.
+
+A response's log-prob is the sum over its tokens and EOS (encoded after the prompt, as in
+SFT), computed with the shared kernel for both policy and reference. The reference's
+log-probs are computed once, before training, so the reference model is freed before
+the policy's first step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .checkpoint import publish_checkpoint
+from .common import MetricsLog, batched, default_log_dir, make_optimizer, pick_device, resolve_warmup, seed_everything
+from .data import fingerprint_files, read_jsonl
+from .losses import dpo_loss
+from .sft import IGNORE, collate, token_logprobs, tokenize_sft
+
+
+@dataclass
+class DPOConfig:
+    """Fine-tune a policy on preference pairs with DPO (sigmoid, IPO or hinge loss)."""
+
+    model: str = field(metadata={"help": "policy to start from (usually the SFT checkpoint)"})
+    train_file: str = field(metadata={"help": "preferences JSONL, one {prompt, chosen, rejected} per line"})
+    output_dir: str = field(metadata={"help": "where to publish the policy"})
+    ref_model: str | None = field(default=None, metadata={"help": "reference policy (default: --model)"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out preferences: implicit-reward accuracy"})
+    beta: float = field(default=0.1, metadata={"help": "strength of the KL to the reference (higher: stay closer)"})
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge (SLiC)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "assumed label-flip rate (conservative DPO; sigmoid only)"})
+    max_length: int = field(default=256, metadata={"help": "truncate prompt + response + EOS to this many tokens"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
+    learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
+    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
+    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set num_epochs > 0 or max_steps > 0")
+
+
+def tokenize_pairs(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """Per pair: the chosen and rejected (input_ids, labels), prompt masked. Pairs where
+    either response is cut away entirely are dropped."""
+    pairs = []
+    for r in records:
+        chosen = tokenize_sft(tokenizer, [{"prompt": r["prompt"], "completion": r["chosen"]}], max_length)
+        rejected = tokenize_sft(tokenizer, [{"prompt": r["prompt"], "completion": r["rejected"]}], max_length)
+        if chosen and rejected:
+            pairs.append({"chosen": chosen[0], "rejected": rejected[0]})
+    return pairs
+
+
+def sequence_logps(model, pairs: list[dict], pad_id: int, device, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (or, for IPO, per-token averaged) response log-probs, chosen and rejected
+    in one forward pass: ([B], [B])."""
+    batch = {k: v.to(device) for k, v in collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                                  pad_id).items()}
+    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    total = logp.sum(-1)
+    if average:
+        total = total / (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1)
+    return total[:len(pairs)], total[len(pairs):]
+
+
+@torch.no_grad()
+def add_reference_logps(ref_model, pairs: list[dict], batch_size: int, pad_id: int, device, average: bool) -> None:
+    ref_model.eval()
+    for chunk in batched(pairs, batch_size):
+        chosen, rejected = sequence_logps(ref_model, chunk, pad_id, device, average)
+        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            p["ref_chosen"], p["ref_rejected"] = c, r
+
+
+def pair_loss(model, chunk, config: DPOConfig, pad_id: int, device):
+    chosen, rejected = sequence_logps(model, chunk, pad_id, device, average=config.loss_type == "ipo")
+    ref_chosen = torch.tensor([p["ref_chosen"] for p in chunk], device=device)
+    ref_rejected = torch.tensor([p["ref_rejected"] for p in chunk], device=device)
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.beta, config.loss_type, config.label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, pairs, config: DPOConfig, pad_id: int, device) -> dict:
+    model.eval()
+    loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
+    for chunk in batched(pairs, config.batch_size):
+        loss, chosen_r, rejected_r = pair_loss(model, chunk, config, pad_id, device)
+        loss_sum += loss.item() * len(chunk)
+        correct += (chosen_r > rejected_r).float().sum().item()
+        margin_sum += (chosen_r - rejected_r).sum().item()
+    model.train()
+    n = len(pairs)
+    return {"eval_loss": loss_sum / n, "eval_reward_accuracy": correct / n, "eval_reward_margin": margin_sum / n}
+
+
+def train_dpo(config: DPOConfig) -> dict:
+    """Train, publish the policy, return the final metrics."""
+    rng = seed_everything(config.seed)
+    device = pick_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    average = config.loss_type == "ipo"  # IPO's target 1/(2β) is on a per-token scale (as in TRL)
+
+    train = tokenize_pairs(tokenizer, read_jsonl(config.train_file, "preferences"), config.max_length)
+    evals = tokenize_pairs(tokenizer, read_jsonl(config.eval_file, "preferences"), config.max_length) if config.eval_file else []
+    if not train:
+        raise ValueError(f"{config.train_file}: no pair fits in max_length={config.max_length}")
+    ref_path = config.ref_model or config.model
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device)
+    add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, device, average)
+    del ref_model
+
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
+    model.train()
+    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * math.ceil(len(train) / config.batch_size)))
+    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
+    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
+                                          config.min_lr_ratio)
+    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    metrics: dict = {"train_pairs": len(train), "eval_pairs": len(evals)}
+
+    step, start = 0, time.time()
+    bar = tqdm(total=total_steps, desc="dpo", disable=not config.progress)
+    while step < total_steps:
+        for chunk in batched(train, config.batch_size, rng):
+            loss, chosen_r, rejected_r = pair_loss(model, chunk, config, pad_id, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            row = {}
+            if step % config.log_every == 0 or step == total_steps:
+                row = {"loss": loss.item(), "reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
+                       "reward_margin": (chosen_r - rejected_r).mean().item(), "reward_chosen": chosen_r.mean().item(),
+                       "reward_rejected": rejected_r.mean().item(), "grad_norm": grad_norm.item(),
+                       "lr": scheduler.get_last_lr()[0]}
+                metrics.update(train_loss=row["loss"], train_reward_accuracy=row["reward_accuracy"])
+            if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+                row.update(evaluate(model, evals, config, pad_id, device))
+                metrics.update({k: row[k] for k in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin")})
+            if row:
+                log.log(step, **row)
+            if step >= total_steps:
+                break
+    bar.close()
+    metrics.update(steps=step, seconds=round(time.time() - start, 2))
+    plot = log.close()
+    publish_checkpoint(model, tokenizer, config.output_dir, stage="dpo", parent=config.model,
+                       data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
+                       overwrite=config.overwrite,
+                       extra={"reference": str(ref_path), "config": asdict(config), "metrics_file": str(log.path),
+                              "plot": str(plot)})
+    return metrics

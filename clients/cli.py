@@ -87,12 +87,6 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from rlhfkit.server.app import main as serve_main
-
-    return serve_main(args)
-
-
 def cmd_init_demo(args) -> int:
     from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
@@ -112,17 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Start a server with `rlhfkit serve`, then call it with generate / score / compare / models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="serve a policy and a reward model over gRPC",
-                       description="Serve Hugging Face checkpoints over gRPC (Generation, Reward, Models, health, "
-                                   "reflection) with Prometheus metrics on --metrics-port.")
-    try:
-        from rlhfkit.server.app import add_arguments
-    except ImportError as e:  # the client-only install has no torch
-        p.set_defaults(func=lambda a: sys.exit(f"rlhfkit serve needs the server's dependencies: {e}"))
-    else:
-        add_arguments(p)
-        p.set_defaults(func=cmd_serve)
-
+    # serve and train build their own parsers (from their config dataclasses) when run, so the
+    # client commands never import torch.
+    sub.add_parser("serve", help="serve a policy and a reward model over gRPC (`rlhfkit serve --help`)",
+                   add_help=False)
     p = sub.add_parser("generate", help="generate text from a running server",
                        description="Generate from a running server. Temperature 0 (the default) is greedy.")
     p.add_argument("prompt", help="prompt text")
@@ -171,12 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":  # the trainers build their own CLI from their configs
+    if argv and argv[0] in ("serve", "train"):
         try:
-            from rlhfkit.training.cli import main as train_main
-        except ImportError as e:
-            sys.exit(f"rlhfkit train is not available: {e}")
-        return train_main(argv[1:])
+            if argv[0] == "serve":
+                from rlhfkit.server.app import main as command_main
+            else:
+                from rlhfkit.training.cli import main as command_main
+        except ImportError as e:  # a client-only install lacks torch / transformers
+            sys.exit(f"rlhfkit {argv[0]} needs the full install (torch, transformers): {e}")
+        return command_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

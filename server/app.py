@@ -172,17 +172,24 @@ async def _serve_forever(config: ServeConfig):
     await server.stop()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit serve",
+        description="Serve Hugging Face checkpoints over gRPC: Generation (greedy / temperature / top-k / top-p, "
+                    "streaming), Reward (Score, Compare), Models, grpc.health.v1 and server reflection, with "
+                    "Prometheus metrics on --metrics-port. Example: rlhfkit serve --policy runs/ppo --reward runs/rm")
     add_dataclass_arguments(parser, ServeConfig)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = dataclass_from_args(ServeConfig, args)
     except ValueError as e:
-        raise SystemExit(f"rlhfkit serve: {e}")
+        parser.error(str(e))
     asyncio.run(_serve_forever(config))
     return 0

@@ -5,6 +5,7 @@ logits: chosen-token log-probs, entropy, KL to a reference (ARCHITECTURE.md, Ker
 """
 
 from rlhfkit.kernels.backend import use_backend
+from rlhfkit.kernels.fused_linear import fused_linear_logprobs
 from rlhfkit.kernels.kl import KL_ESTIMATORS, full_kl_from_logits, kl_from_logprobs
 from rlhfkit.kernels.logprobs import logprobs_from_logits
 from rlhfkit.kernels.sampling import (
@@ -27,6 +28,7 @@ __all__ = [
     "SamplingParamsError",
     "filter_logits",
     "full_kl_from_logits",
+    "fused_linear_logprobs",
     "kl_from_logprobs",
     "logprobs_from_logits",
     "sample_tokens",

@@ -377,3 +377,16 @@ def test_full_queue_is_resource_exhausted(tiny_policy_dir):
             assert len(waiting.result().completions[0].token_ids) == 2
     finally:
         srv.stop()
+
+
+def test_bfloat16_serving_matches_transformers_in_bfloat16(tiny_policy_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.bfloat16).eval()
+    expected = [hf_greedy(model, tokenizer, p, 16) for p in PROMPTS[:3]]
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu", dtype="bfloat16")).wait_loaded()
+    try:
+        with Client(srv.address, timeout=60) as c:
+            assert {m.dtype for m in c.list_models()} == {"bfloat16"}
+            for p, exp in zip(PROMPTS[:3], expected):
+                assert list(c.generate(p, max_new_tokens=16).completions[0].token_ids) == exp
+    finally:
+        srv.stop()

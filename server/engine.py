@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from rlhfkit.kernels import SamplingParams, SamplingParamsError, sample_tokens, sampling_tensors
+from rlhfkit.kernels import SamplingParams, SamplingParamsError, logprobs_from_logits, sample_tokens, sampling_tensors
 from rlhfkit.server.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -316,12 +316,13 @@ class Engine:
         temperature, top_k, top_p = batch.sampling
         tokens = sample_tokens(logits, temperature, top_k, top_p,
                                [s.generator for s in batch.seqs], self.default_generator)
-        logp_all = torch.log_softmax(logits, dim=-1)
-        chosen = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+        # The same kernel training and Reward.LogProbs use, so rollout numbers match theirs.
+        chosen = logprobs_from_logits(logits, tokens).tolist()
         want_top = max(s.request.params.logprobs for s in batch.seqs)
         if want_top:
-            top_v, top_i = logp_all.topk(want_top, dim=-1)
-            top_v, top_i = top_v.tolist(), top_i.tolist()
+            top_v, top_i = logits.topk(want_top, dim=-1)
+            top_v = (top_v - logits.logsumexp(dim=-1, keepdim=True)).tolist()
+            top_i = top_i.tolist()
         tokens = tokens.tolist()
         now = time.monotonic()
         outputs: dict[Request, list[SequenceOutput]] = {}

@@ -18,6 +18,7 @@ STAGES = {
     "sft": ("rlhfkit.training.sft", "SFTConfig", "train_sft"),
     "rm": ("rlhfkit.training.rm", "RMConfig", "train_rm"),
     "dpo": ("rlhfkit.training.dpo", "DPOConfig", "train_dpo"),
+    "ppo": ("rlhfkit.training.ppo", "PPOConfig", "train_ppo"),
 }
 
 

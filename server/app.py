@@ -24,7 +24,8 @@ from prometheus_client import start_http_server
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.metrics import ServerMetrics
-from rlhfkit.server.models import load_checkpoint
+from rlhfkit.server.registry import ModelRegistry
+from rlhfkit.server.store import CheckpointRef, ModelStore, read_checkpoint
 from rlhfkit.server.service import GenerationService, ModelsService, RewardService, ServerState
 from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
 
@@ -41,6 +42,10 @@ SERVICE_NAMES = [
 class ServeConfig:
     policy: str | None = field(default=None, metadata={"help": "Hugging Face causal-LM checkpoint directory to serve for generation"})
     reward: str | None = field(default=None, metadata={"help": "reward model directory (AutoModelForSequenceClassification, num_labels=1)"})
+    reference: str | None = field(default=None, metadata={"help": "reference (SFT) policy directory for Reward.LogProbs KL"})
+    store: str | None = field(default=None, metadata={"help": "model store directory: named checkpoints whose roles come from "
+                                                               "roles.json or the newest checkpoint of each stage (instead of --policy/--reward/--reference)"})
+    reload_interval: float = field(default=2.0, metadata={"help": "seconds between checks for newly published checkpoints (0: never reload)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for every interface)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and prints it)"})
     metrics_port: int | None = field(default=None, metadata={"help": "HTTP port for Prometheus /metrics (off when unset; 0 picks one)"})
@@ -52,8 +57,12 @@ class ServeConfig:
     grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
 
     def __post_init__(self):
-        if not self.policy and not self.reward:
-            raise ValueError("nothing to serve: give --policy DIR and/or --reward DIR")
+        if self.store and (self.policy or self.reward or self.reference):
+            raise ValueError("give --store DIR, or --policy/--reward/--reference directories, not both")
+        if not (self.store or self.policy or self.reward):
+            raise ValueError("nothing to serve: give --policy DIR and/or --reward DIR, or --store DIR")
+        if self.reload_interval < 0:
+            raise ValueError(f"reload_interval must be >= 0, got {self.reload_interval}")
         for name in ("port", "metrics_port"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
@@ -68,12 +77,17 @@ class RlhfkitServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = ServerMetrics()
-        self.state = ServerState(self.metrics)
+        self.store = ModelStore(config.store) if config.store else None
+        registry = ModelRegistry(config.device, config.dtype, metrics=self.metrics,
+                                 make_engine=lambda lm: Engine(lm, config.max_num_seqs, config.max_waiting,
+                                                               self.metrics, config.seed))
+        self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self._watcher: asyncio.Future | None = None
 
     async def start(self):
         """Listen now; load the models in the background (health says NOT_SERVING meanwhile)."""
@@ -97,22 +111,44 @@ class RlhfkitServer:
         log.info("listening on %s:%d (metrics: %s)", self.config.host, self.port, self.metrics_port)
         self.loading = asyncio.ensure_future(self._load_then_serve())
 
-    def _load(self):
-        c = self.config
-        for path, role in ((c.policy, "policy"), (c.reward, "reward")):
+    def desired(self) -> tuple[dict[str, CheckpointRef], dict[str, str]]:
+        """What should be served now: (name -> checkpoint, role -> name)."""
+        if self.store:
+            return self.store.resolve()
+        refs = {}
+        for role, path, kind in (("policy", self.config.policy, "policy"), ("reference", self.config.reference, "policy"),
+                                 ("reward", self.config.reward, "reward")):
             if path:
-                log.info("loading %s from %s", role, path)
-                m = load_checkpoint(path, role, device=c.device, dtype=c.dtype)
-                self.state.registry.add(m)
-                if role == "policy":
-                    self.state.engines[m.name] = Engine(m, c.max_num_seqs, c.max_waiting, self.metrics, c.seed)
+                ref = read_checkpoint(path, name=role, kind=kind)
+                if ref is None:
+                    raise FileNotFoundError(f"--{role} {path}: not a Hugging Face checkpoint (no readable config.json)")
+                refs[role] = ref
+        return refs, {role: role for role in refs}
+
+    async def refresh(self):
+        """Load what was published or re-pointed since the last look (off the event loop)."""
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.state.registry.refresh(*self.desired()))
 
     async def _load_then_serve(self):
-        await asyncio.get_running_loop().run_in_executor(None, self._load)
+        await self.refresh()
+        models, roles, failures = self.state.registry.snapshot()
+        # A directory named on the command line must load; a store serves what it can.
+        if not models or (failures and not self.store):
+            detail = "; ".join(f"{f.name}: {f.error}" for f in failures) or f"no checkpoints in {self.config.store}"
+            raise RuntimeError(f"nothing could be loaded ({detail})" if not models else detail)
         self.state.loaded = True
         for name in [""] + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", ", ".join(m.model_version for m in self.state.registry.models.values()))
+        if self.config.reload_interval > 0:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self):
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a bad roles.json or a vanished store must not stop the server
+                log.exception("reload check failed; still serving the current models")
 
     async def wait_loaded(self):
         await self.loading
@@ -120,10 +156,11 @@ class RlhfkitServer:
     async def stop(self, grace: float | None = None):
         for name in [""] + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watcher:
+            self._watcher.cancel()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
-        for engine in self.state.engines.values():
-            engine.shutdown()
-        self.state.reward_pool.shutdown(wait=False)
+        self.state.registry.shutdown()
+        self.state.scoring_pool.shutdown(wait=False)
         if self._metrics_http:
             self._metrics_http.shutdown()
 

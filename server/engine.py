@@ -169,6 +169,7 @@ class Engine:
         self._running = _Batch()
         self._cv = threading.Condition()
         self._stopping = False
+        self._draining = False
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="rlhfkit-engine", daemon=True)
         self._thread.start()
@@ -196,8 +197,8 @@ class Engine:
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, on_output)
         req.sequences = [Sequence(req, i, params.generator(i, self.device)) for i in range(params.n)]
         with self._cv:
-            if self._stopping:
-                raise EngineStoppedError("the server is shutting down")
+            if self._stopping or self._draining:
+                raise EngineStoppedError(f"{self.lm.model_version} is no longer accepting requests")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting "
                                      f"(--max-waiting {self.max_waiting}); retry later")
@@ -210,6 +211,17 @@ class Engine:
         with self._cv:
             req.cancelled = True
             self._cv.notify()
+
+    def drain(self):
+        """Take no new requests; finish the ones admitted or waiting, then stop the thread
+        (hot reload retires an old model this way)."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify()
+
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
 
     def shutdown(self):
         with self._cv:
@@ -231,6 +243,8 @@ class Engine:
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not len(self._running):
+                    if self._draining:
+                        return  # drained: nothing admitted, nothing waiting
                     self._cv.wait()
                 if self._stopping:
                     break

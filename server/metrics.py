@@ -43,5 +43,8 @@ class ServerMetrics:
             buckets=_FAST, registry=r)
         self.scored_items = Counter(
             "rlhfkit:scored_items", "Prompt/response pairs scored by the reward model.", registry=r)
+        self.model_loads = Counter(
+            "rlhfkit:model_loads", "Checkpoint loads by result (ok, failed); a failed load keeps the old model.",
+            ["result"], registry=r)
         self.rpc_errors = Counter(
             "rlhfkit:rpc_errors", "RPCs that ended with an error status.", ["method", "code"], registry=r)

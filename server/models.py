@@ -24,16 +24,23 @@ class ModelNotFoundError(KeyError):
 @dataclass
 class LoadedModel:
     name: str
-    role: str  # policy | reference | reward
+    kind: str  # "policy" (causal LM) or "reward" (sequence classification)
     path: Path
     model: torch.nn.Module
     tokenizer: object
     context_length: int
     meta: dict = field(default_factory=dict)  # rlhfkit.json, {} for outside checkpoints
+    stamp: tuple = ()  # identifies the directory's contents; a republish changes it
+    engine: object = None  # the generation engine of a causal LM, set by the registry
 
     @property
     def version(self) -> str:
-        return str(self.meta.get("version") or self.path.name)
+        """The checkpoint's name, and when it was created (rlhfkit.json), so republishing a
+        directory under the same name gives a new version."""
+        if self.meta.get("version"):
+            return str(self.meta["version"])
+        created = "".join(ch for ch in str(self.meta.get("created_at") or "") if ch.isdigit())[:14]
+        return f"{self.path.name}-{created}" if created else self.path.name
 
     @property
     def model_version(self) -> str:
@@ -72,22 +79,33 @@ def context_length(config, tokenizer) -> int:
     return n
 
 
-def load_checkpoint(path: str | Path, role: str, device: str = "auto", dtype: str = "float32",
-                    name: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory for `role` ("policy"/"reference" -> causal LM, "reward" ->
-    sequence classification with one label). Errors say what is wrong with the directory."""
+def load_checkpoint(path: str | Path, kind: str, device: str = "auto", dtype: str = "float32",
+                    name: str | None = None, stamp: tuple = ()) -> LoadedModel:
+    """Load a checkpoint directory as a `kind` of model: "policy" -> causal LM, "reward" ->
+    sequence classification with one label. Errors say what is wrong with the directory;
+    a checkpoint whose weights are missing or do not fit its config never loads (transformers
+    would fill the gap with random weights)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(f"{path}: no weights (*.safetensors or *.bin); is it still being written?")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; masks hide it
-    auto = AutoModelForSequenceClassification if role == "reward" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype])
-    if role == "reward" and model.config.num_labels != 1:
+    if kind not in ("policy", "reward"):
+        raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
+    auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    model, info = auto.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+        raise ValueError(f"{path}: weights do not match the config (missing or mismatched: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); the checkpoint is "
+                         "incomplete or corrupt")
+    if kind == "reward" and model.config.num_labels != 1:
         raise ValueError(f"{path}: a reward model needs num_labels=1, this one has {model.config.num_labels}")
     if model.config.pad_token_id is None:
         # AutoModelForSequenceClassification finds the last real token through pad_token_id.
@@ -95,29 +113,5 @@ def load_checkpoint(path: str | Path, role: str, device: str = "auto", dtype: st
     model.to(dev).eval()
     meta_file = path / "rlhfkit.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return LoadedModel(name=name or role, role=role, path=path, model=model, tokenizer=tokenizer,
-                       context_length=context_length(model.config, tokenizer), meta=meta)
-
-
-class ModelRegistry:
-    """The served models by name; a request's empty `model` means the role's default."""
-
-    def __init__(self):
-        self.models: dict[str, LoadedModel] = {}
-
-    def add(self, m: LoadedModel):
-        self.models[m.name] = m
-
-    def get(self, name: str, role: str) -> LoadedModel:
-        """The model named `name` (or the one serving `role` when name is empty), which must
-        be able to do `role`'s job."""
-        if not name:
-            name = role
-        m = self.models.get(name)
-        if m is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not served here; served models: {known}")
-        compatible = {"reward": ("reward",), "policy": ("policy", "reference"), "reference": ("policy", "reference")}
-        if m.role not in compatible[role]:
-            raise ModelNotFoundError(f"model {name!r} is a {m.role} model, not a {role} model")
-        return m
+    return LoadedModel(name=name or kind, kind=kind, path=path, model=model, tokenizer=tokenizer,
+                       context_length=context_length(model.config, tokenizer), meta=meta, stamp=stamp)

@@ -10,13 +10,15 @@ import asyncio
 import concurrent.futures
 import math
 import time
+from typing import Awaitable, Callable
 
 import grpc
 
 from rlhfkit.kernels import SamplingParams, SamplingParamsError
 from rlhfkit.server.engine import Engine, EngineStoppedError, QueueFullError, SequenceOutput
-from rlhfkit.server.models import ModelNotFoundError, ModelRegistry
-from rlhfkit.server.reward import score_texts
+from rlhfkit.server.registry import ModelNotFoundError, ModelRegistry
+from rlhfkit.server.scoring import score_texts, token_scores
+from rlhfkit.server.store import ModelStore, StoreError
 from rlhfkit.v1 import generation_pb2 as gen_pb
 from rlhfkit.v1 import generation_pb2_grpc as gen_grpc
 from rlhfkit.v1 import models_pb2 as models_pb
@@ -29,8 +31,14 @@ class ServerLoadingError(RuntimeError):
     """Models are still loading."""
 
 
+class StoreUnavailableError(RuntimeError):
+    """An operation that needs a model store on a server started without one."""
+
+
 STATUS_FOR = {
     SamplingParamsError: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreError: grpc.StatusCode.INVALID_ARGUMENT,
+    StoreUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
@@ -61,20 +69,33 @@ def sampling_from_proto(sp: gen_pb.SamplingParams) -> SamplingParams:
     )
 
 
-class ServerState:
-    """What the servicers share: the models, their engines, metrics, and whether loading is done."""
+def token_ids_from(tokenizer, text: str, ids, field: str, special_tokens: bool = True) -> list[int]:
+    """A prompt (or response) given as text or as token ids, exactly one of them."""
+    if text and ids:
+        raise SamplingParamsError(field, f"set {field} or {field}_token_ids, not both")
+    return tokenizer(text, add_special_tokens=special_tokens).input_ids if text else list(ids)
 
-    def __init__(self, metrics):
-        self.registry = ModelRegistry()
-        self.engines: dict[str, Engine] = {}
+
+class ServerState:
+    """What the servicers share: the registry (models, roles, engines), the store if any,
+    metrics, and whether the first load is done."""
+
+    def __init__(self, registry: ModelRegistry, metrics, store: ModelStore | None = None,
+                 on_store_change: Callable[[], Awaitable[None]] | None = None):
+        self.registry = registry
+        self.store = store
+        self.on_store_change = on_store_change
         self.metrics = metrics
         self.loaded = False
-        # Reward forwards block; one worker keeps them off the event loop and in order.
-        self.reward_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-reward")
+        # Scoring forwards block; one worker keeps them off the event loop and in order.
+        self.scoring_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-scoring")
 
     def check_ready(self):
         if not self.loaded:
             raise ServerLoadingError("models are still loading; retry shortly (health: NOT_SERVING)")
+
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.scoring_pool, fn, *args)
 
 
 async def fail(state: ServerState, context, method: str, exc: Exception):
@@ -95,21 +116,20 @@ class GenerationService(gen_grpc.GenerationServicer):
     def _submit(self, request: gen_pb.GenerateRequest):
         """Validate and enqueue; returns (engine, engine request, asyncio queue of outputs)."""
         self.state.check_ready()
-        engine = self.state.engines.get(self.state.registry.get(request.model, "policy").name)
-        if engine is None:
-            raise ModelNotFoundError(f"model {request.model!r} is not served for generation")
         params = sampling_from_proto(request.sampling)
-        if request.prompt and request.prompt_token_ids:
-            raise SamplingParamsError("prompt", "set prompt or prompt_token_ids, not both")
-        if request.prompt:
-            prompt_ids = engine.tokenizer(request.prompt).input_ids
-        else:
-            prompt_ids = list(request.prompt_token_ids)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
-        req = engine.add_request(prompt_ids, params, lambda outs: loop.call_soon_threadsafe(queue.put_nowait, outs),
-                                 request.request_id)
-        return engine, req, queue
+        for attempt in (1, 2):
+            lm = self.state.registry.get(request.model, "policy")
+            prompt_ids = token_ids_from(lm.tokenizer, request.prompt, request.prompt_token_ids, "prompt")
+            try:
+                req = lm.engine.add_request(prompt_ids, params,
+                                            lambda outs: loop.call_soon_threadsafe(queue.put_nowait, outs),
+                                            request.request_id)
+                return lm.engine, req, queue
+            except EngineStoppedError:
+                if attempt == 2:
+                    raise  # a hot reload retired the model between lookup and enqueue: look again once
 
     async def _outputs(self, engine: Engine, req, queue):
         """Yield each step's outputs until every completion has finished; abort the request
@@ -173,8 +193,7 @@ class RewardService(reward_grpc.RewardServicer):
         self.state.check_ready()
         rm = self.state.registry.get(model, "reward")
         start = time.monotonic()
-        loop = asyncio.get_running_loop()
-        rewards = await loop.run_in_executor(self.state.reward_pool, score_texts, rm, prompts, responses)
+        rewards = await self.state.run_blocking(score_texts, rm, prompts, responses)
         self.state.metrics.score_latency.observe(time.monotonic() - start)
         self.state.metrics.scored_items.inc(len(rewards))
         return rm, rewards
@@ -195,26 +214,93 @@ class RewardService(reward_grpc.RewardServicer):
                                              [request.response_a, request.response_b])
         except REQUEST_ERRORS as e:
             return await fail(self.state, context, "Compare", e)
-        return reward_pb.CompareResponse(reward_a=ra, reward_b=rb, prob_a_preferred=0.5 * (1 + math.tanh((ra - rb) / 2)),  # sigmoid, overflow-free
-                                         model_version=rm.model_version)
+        return reward_pb.CompareResponse(reward_a=ra, reward_b=rb, model_version=rm.model_version,
+                                         prob_a_preferred=0.5 * (1 + math.tanh((ra - rb) / 2)))  # sigmoid, no overflow
+
+    def _log_probs_items(self, request, policy, reference):
+        if not request.items:
+            raise SamplingParamsError("items", "is empty: give at least one {prompt, response} item")
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise SamplingParamsError("temperature", f"must be finite and > 0, got {temperature}")
+        vocab = policy.model.get_output_embeddings().weight.shape[0]
+        if reference is not None and reference.model.get_output_embeddings().weight.shape[0] != vocab:
+            raise SamplingParamsError("reference_model", f"{reference.name} has a different vocabulary from "
+                                      f"{policy.name}; KL needs the same tokenizer")
+        items = []
+        for i, it in enumerate(request.items):
+            p = token_ids_from(policy.tokenizer, it.prompt, it.prompt_token_ids, f"items[{i}].prompt")
+            r = token_ids_from(policy.tokenizer, it.response, it.response_token_ids, f"items[{i}].response",
+                               special_tokens=False)
+            if not p or not r:
+                raise SamplingParamsError(f"items[{i}]", "needs a non-empty prompt and a non-empty response")
+            if max(p + r) >= vocab:
+                raise SamplingParamsError(f"items[{i}]", f"token id {max(p + r)} is out of range [0, {vocab})")
+            if len(p) + len(r) > policy.context_length:
+                raise SamplingParamsError(f"items[{i}]", f"prompt + response is {len(p) + len(r)} tokens, over "
+                                          f"the context of {policy.context_length}")
+            items.append((p, r))
+        return items, temperature
+
+    async def LogProbs(self, request, context):
+        try:
+            self.state.check_ready()
+            policy = self.state.registry.get(request.model, "policy")
+            reference = self.state.registry.find(request.reference_model, "reference")
+            items, temperature = self._log_probs_items(request, policy, reference)
+            start = time.monotonic()
+            scores = await self.state.run_blocking(token_scores, policy, reference, items, temperature)
+            self.state.metrics.score_latency.observe(time.monotonic() - start)
+        except REQUEST_ERRORS as e:
+            return await fail(self.state, context, "LogProbs", e)
+        results = []
+        for (_, r), sc in zip(items, scores):
+            ts = reward_pb.TokenScores(token_ids=r, **sc)
+            for key in sc:
+                setattr(ts, f"{key.removesuffix('s')}_sum", sum(sc[key]))
+            results.append(ts)
+        return reward_pb.LogProbsResponse(results=results, model_version=policy.model_version,
+                                          reference_version=reference.model_version if reference else "")
+
+
+def model_info(m, roles: list[str]) -> models_pb.ModelInfo:
+    meta = m.meta
+    return models_pb.ModelInfo(
+        name=m.name, role=roles[0] if roles else "", roles=roles, version=m.version,
+        stage=str(meta.get("stage", "")), path=str(m.path), parent=str(meta.get("parent") or ""),
+        base_model=str(meta.get("base_model") or ""),
+        architecture=",".join(m.model.config.architectures or [type(m.model).__name__]),
+        dtype=str(m.dtype).removeprefix("torch."), device=str(m.device), context_length=m.context_length,
+        num_parameters=sum(p.numel() for p in m.model.parameters()),
+        data_fingerprint=str(meta.get("data_fingerprint") or ""),
+        metrics={k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))},
+        created_at=str(meta.get("created_at") or ""))
 
 
 class ModelsService(models_grpc.ModelsServicer):
     def __init__(self, state: ServerState):
         self.state = state
 
+    def _list(self) -> models_pb.ListModelsResponse:
+        models, roles, failures = self.state.registry.snapshot()
+        infos = [model_info(m, [r for r, n in roles.items() if n == name]) for name, m in models.items()]
+        return models_pb.ListModelsResponse(
+            models=infos, store=str(self.state.store.root) if self.state.store else "",
+            load_failures=[models_pb.LoadFailure(name=f.name, path=f.path, error=f.error, failed_at=f.failed_at)
+                           for f in failures])
+
     async def ListModels(self, request, context):
-        infos = []
-        for m in self.state.registry.models.values():
-            meta = m.meta
-            infos.append(models_pb.ModelInfo(
-                name=m.name, role=m.role, version=m.version, stage=str(meta.get("stage", "")), path=str(m.path),
-                parent=str(meta.get("parent") or ""), base_model=str(meta.get("base_model") or ""),
-                architecture=",".join(m.model.config.architectures or [type(m.model).__name__]),
-                dtype=str(m.dtype).removeprefix("torch."), device=str(m.device),
-                context_length=m.context_length, num_parameters=sum(p.numel() for p in m.model.parameters()),
-                data_fingerprint=str(meta.get("data_fingerprint") or ""),
-                metrics={k: float(v) for k, v in (meta.get("metrics") or {}).items()
-                         if isinstance(v, (int, float))},
-                created_at=str(meta.get("created_at") or "")))
-        return models_pb.ListModelsResponse(models=infos)
+        return self._list()
+
+    async def SetRole(self, request, context):
+        try:
+            if self.state.store is None:
+                raise StoreUnavailableError("roles can only change on a server started with --store DIR")
+            try:
+                self.state.store.set_role(request.name, request.role)
+            except KeyError as e:
+                raise ModelNotFoundError(str(e.args[0])) from e
+            await self.state.on_store_change()
+        except REQUEST_ERRORS as e:
+            return await fail(self.state, context, "SetRole", e)
+        return models_pb.SetRoleResponse(models=self._list().models)

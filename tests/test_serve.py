@@ -57,7 +57,7 @@ def hf_greedy(model, tokenizer, prompt, max_new_tokens):
 
 
 def engine(server):
-    return server.server.state.engines["policy"]
+    return server.server.state.registry.get("", "policy").engine
 
 
 def wait_idle(server, timeout=10):
@@ -364,11 +364,11 @@ def test_full_queue_is_resource_exhausted(tiny_policy_dir):
         with Client(srv.address, timeout=60) as c:
             running = c.generation.Generate.future(generate_request("a", max_new_tokens=200, ignore_eos=True))
             deadline = time.monotonic() + 5
-            while srv.server.state.engines["policy"].num_running == 0:
+            while srv.server.state.registry.get("", "policy").engine.num_running == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             waiting = c.generation.Generate.future(generate_request("b", max_new_tokens=2))
-            while srv.server.state.engines["policy"].num_waiting == 0:
+            while srv.server.state.registry.get("", "policy").engine.num_waiting == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             code, details = _status(lambda: c.generate("c", max_new_tokens=2))

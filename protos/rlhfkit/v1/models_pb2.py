@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfkit/v1/models.proto\x12\nrlhfkit.v1\"\x13\n\x11ListModelsRequest\"\xf1\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x0e\n\x06parent\x18\x06 \x01(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\r\x12\x16\n\x0enum_parameters\x18\x0c \x01(\x04\x12\x18\n\x10\x64\x61ta_fingerprint\x18\r \x01(\t\x12\x33\n\x07metrics\x18\x0e \x03(\x0b\x32\".rlhfkit.v1.ModelInfo.MetricsEntry\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.rlhfkit.v1.ModelInfo2U\n\x06Models\x12K\n\nListModels\x12\x1d.rlhfkit.v1.ListModelsRequest\x1a\x1e.rlhfkit.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfkit/v1/models.proto\x12\nrlhfkit.v1\"\x13\n\x11ListModelsRequest\"\x80\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x0e\n\x06parent\x18\x06 \x01(\t\x12\x12\n\nbase_model\x18\x07 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\r\x12\x16\n\x0enum_parameters\x18\x0c \x01(\x04\x12\x18\n\x10\x64\x61ta_fingerprint\x18\r \x01(\t\x12\x33\n\x07metrics\x18\x0e \x03(\x0b\x32\".rlhfkit.v1.ModelInfo.MetricsEntry\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x12\r\n\x05roles\x18\x10 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\x0bLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tfailed_at\x18\x04 \x01(\t\"z\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.rlhfkit.v1.ModelInfo\x12.\n\rload_failures\x18\x02 \x03(\x0b\x32\x17.rlhfkit.v1.LoadFailure\x12\r\n\x05store\x18\x03 \x01(\t\",\n\x0eSetRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"8\n\x0fSetRoleResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.rlhfkit.v1.ModelInfo2\x99\x01\n\x06Models\x12K\n\nListModels\x12\x1d.rlhfkit.v1.ListModelsRequest\x1a\x1e.rlhfkit.v1.ListModelsResponse\x12\x42\n\x07SetRole\x12\x1a.rlhfkit.v1.SetRoleRequest\x1a\x1b.rlhfkit.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=39
   _globals['_LISTMODELSREQUEST']._serialized_end=58
   _globals['_MODELINFO']._serialized_start=61
-  _globals['_MODELINFO']._serialized_end=430
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=384
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=430
-  _globals['_LISTMODELSRESPONSE']._serialized_start=432
-  _globals['_LISTMODELSRESPONSE']._serialized_end=491
-  _globals['_MODELS']._serialized_start=493
-  _globals['_MODELS']._serialized_end=578
+  _globals['_MODELINFO']._serialized_end=445
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=399
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=445
+  _globals['_LOADFAILURE']._serialized_start=447
+  _globals['_LOADFAILURE']._serialized_end=522
+  _globals['_LISTMODELSRESPONSE']._serialized_start=524
+  _globals['_LISTMODELSRESPONSE']._serialized_end=646
+  _globals['_SETROLEREQUEST']._serialized_start=648
+  _globals['_SETROLEREQUEST']._serialized_end=692
+  _globals['_SETROLERESPONSE']._serialized_start=694
+  _globals['_SETROLERESPONSE']._serialized_end=750
+  _globals['_MODELS']._serialized_start=753
+  _globals['_MODELS']._serialized_end=906
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class ModelsStub:
                 request_serializer=rlhfkit_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=rlhfkit_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/rlhfkit.v1.Models/SetRole',
+                request_serializer=rlhfkit_dot_v1_dot_models__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=rlhfkit_dot_v1_dot_models__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -52,6 +57,14 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Point a role at a checkpoint of the model store (servers started with --store). The
+        server loads it beside the current one and switches new requests over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=rlhfkit_dot_v1_dot_models__pb2.ListModelsRequest.FromString,
                     response_serializer=rlhfkit_dot_v1_dot_models__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=rlhfkit_dot_v1_dot_models__pb2.SetRoleRequest.FromString,
+                    response_serializer=rlhfkit_dot_v1_dot_models__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class Models:
             '/rlhfkit.v1.Models/ListModels',
             rlhfkit_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
             rlhfkit_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhfkit.v1.Models/SetRole',
+            rlhfkit_dot_v1_dot_models__pb2.SetRoleRequest.SerializeToString,
+            rlhfkit_dot_v1_dot_models__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

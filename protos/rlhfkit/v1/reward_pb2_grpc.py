@@ -46,6 +46,11 @@ class RewardStub:
                 request_serializer=rlhfkit_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
                 response_deserializer=rlhfkit_dot_v1_dot_reward__pb2.CompareResponse.FromString,
                 _registered_method=True)
+        self.LogProbs = channel.unary_unary(
+                '/rlhfkit.v1.Reward/LogProbs',
+                request_serializer=rlhfkit_dot_v1_dot_reward__pb2.LogProbsRequest.SerializeToString,
+                response_deserializer=rlhfkit_dot_v1_dot_reward__pb2.LogProbsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServicer:
@@ -66,6 +71,14 @@ class RewardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogProbs(self, request, context):
+        """Per-token log-probs of given responses under the policy and the reference model,
+        per-token KL estimates and entropy, computed by the same kernels training uses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_RewardServicer_to_server(servicer, server):
                     servicer.Compare,
                     request_deserializer=rlhfkit_dot_v1_dot_reward__pb2.CompareRequest.FromString,
                     response_serializer=rlhfkit_dot_v1_dot_reward__pb2.CompareResponse.SerializeToString,
+            ),
+            'LogProbs': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogProbs,
+                    request_deserializer=rlhfkit_dot_v1_dot_reward__pb2.LogProbsRequest.FromString,
+                    response_serializer=rlhfkit_dot_v1_dot_reward__pb2.LogProbsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +154,33 @@ class Reward:
             '/rlhfkit.v1.Reward/Compare',
             rlhfkit_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
             rlhfkit_dot_v1_dot_reward__pb2.CompareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogProbs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhfkit.v1.Reward/LogProbs',
+            rlhfkit_dot_v1_dot_reward__pb2.LogProbsRequest.SerializeToString,
+            rlhfkit_dot_v1_dot_reward__pb2.LogProbsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,76 @@
+"""Scoring given text: scalar rewards from the reward model, and per-token log-probs,
+entropy and KL of a response under the policy and the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.kernels import (KL_ESTIMATORS, SamplingParamsError, full_kl_from_logits, kl_from_logprobs,
+                             logprobs_from_logits)
+from rlhfkit.server.models import LoadedModel
+
+
+def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
+    """Rewards for (prompt, response) pairs, batched with right padding. The model reads
+    the reward at the last non-padding token (AutoModelForSequenceClassification's rule),
+    so padding does not change a score."""
+    tok = rm.tokenizer
+    encoded = [tok(p + r).input_ids for p, r in zip(prompts, responses)]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise SamplingParamsError(f"items[{i}]", "prompt and response are both empty")
+        if len(ids) > rm.context_length:
+            raise SamplingParamsError(
+                f"items[{i}]", f"prompt + response is {len(ids)} tokens, over the reward model's "
+                f"context of {rm.context_length}; shorten it")
+    rewards: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            L = max(map(len, chunk))
+            ids = torch.full((len(chunk), L), rm.model.config.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for i, x in enumerate(chunk):
+                ids[i, :len(x)] = torch.tensor(x)
+                mask[i, :len(x)] = 1
+            out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device))
+            rewards += out.logits[:, 0].float().tolist()
+    return rewards
+
+
+def token_scores(policy: LoadedModel, reference: LoadedModel | None,
+                 items: list[tuple[list[int], list[int]]], temperature: float = 1.0,
+                 batch_size: int = 16) -> list[dict[str, list[float]]]:
+    """Per response token: log-prob under the policy (and reference), entropy, the k1/k2/k3
+    KL estimates and the exact full-vocabulary KL, through rlhfkit.kernels (the functions
+    PPO training uses). `items` are (prompt_ids, response_ids); the logits at position t
+    predict token t + 1, so response token j is scored at position len(prompt) - 1 + j."""
+    results = []
+    pad = policy.tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            L = max(len(p) + len(r) for p, r in chunk)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            labels = torch.full((len(chunk), L), -100, dtype=torch.long)
+            for i, (p, r) in enumerate(chunk):
+                ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+                mask[i, :len(p) + len(r)] = 1
+                labels[i, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r)
+            logits = policy.model(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device)).logits
+            labels = labels.to(logits.device)
+            logp, entropy = logprobs_from_logits(logits, labels, temperature, return_entropy=True)
+            out = {"logprobs": logp, "entropy": entropy}
+            if reference is not None:
+                ref_logits = reference.model(input_ids=ids.to(reference.device),
+                                             attention_mask=mask.to(reference.device)).logits.to(logits.device)
+                ref_logp = logprobs_from_logits(ref_logits, labels, temperature)
+                out["ref_logprobs"] = ref_logp
+                for k in KL_ESTIMATORS:
+                    out[f"kl_{k}"] = kl_from_logprobs(logp, ref_logp, k)
+                out["kl_full"] = full_kl_from_logits(logits, ref_logits, temperature)
+            for i, (p, r) in enumerate(chunk):
+                sl = slice(len(p) - 1, len(p) - 1 + len(r))
+                results.append({k: v[i, sl].float().tolist() for k, v in out.items()})
+    return results

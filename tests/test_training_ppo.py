@@ -98,3 +98,56 @@ def test_ppo_end_to_end_through_the_cli(models, tmp_path):
     assert rows[1]["kl"] == 0.0 and rows[1]["approx_kl"] >= 0.0
     assert all(math.isfinite(r[k]) for r in rows[1:] for k in ("pg_loss", "vf_loss", "ptx_loss", "entropy"))
     assert rows[3]["kl"] != 0.0
+
+
+def cat_fraction(policy_dir, prompts, seed=0) -> float:
+    """Fraction of transformers-sampled responses that say 'cat' (independent of the trainer)."""
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    hits = 0
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok(p)["input_ids"]])
+            out = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, num_return_sequences=4,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            hits += sum("cat" in tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in out)
+    return hits / (4 * len(prompts))
+
+
+def test_ppo_climbs_a_reward_model(tmp_path):
+    """SFT a tiny policy on the task, train an RM that likes responses ending in 'cat', and
+    PPO must make the policy say 'cat' more often (as judged by transformers' sampling)."""
+    import random
+
+    from rlhfkit.training.tiny import make_tiny_checkpoint as make
+
+    tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(500))
+    base = make(tmp_path / "base", tokenizer=tokenizer)
+    sft_file = write_jsonl(tmp_path / "sft.jsonl", task.sft_records(128, seed=0))
+    assert train_main(["sft", "--model", str(base), "--train-file", str(sft_file), "--output-dir", str(tmp_path / "sft"),
+                       "--max-steps", "40", "--batch-size", "16", "--learning-rate", "3e-3",
+                       "--log-dir", str(tmp_path / "log-sft"), "--no-progress"]) == 0
+    rng = random.Random(0)
+    prefs = []
+    for _ in range(96):
+        body = "".join(" " + rng.choice(task.WORDS) for _ in range(rng.randint(0, 4)))
+        prefs.append({"prompt": task.make_example(rng).prompt, "chosen": body + " cat",
+                      "rejected": body + " " + rng.choice([w for w in task.WORDS if w != "cat"])})
+    prefs_file = write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    assert train_main(["rm", "--model", str(base), "--train-file", str(prefs_file), "--output-dir", str(tmp_path / "rm"),
+                       "--max-steps", "20", "--batch-size", "8", "--learning-rate", "1e-3",
+                       "--log-dir", str(tmp_path / "log-rm"), "--no-progress"]) == 0
+    prompts = task.prompt_records(64, seed=1)
+    eval_prompts = [r["prompt"] for r in task.prompt_records(16, seed=2)]
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    eval_file = write_jsonl(tmp_path / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
+    assert train_main(["ppo", "--model", str(tmp_path / "sft"), "--reward-model", str(tmp_path / "rm"),
+                       "--prompts-file", str(prompts_file), "--eval-prompts-file", str(eval_file),
+                       "--output-dir", str(tmp_path / "ppo"), "--num-iterations", "15", "--rollout-batch-size", "16",
+                       "--minibatch-size", "8", "--max-new-tokens", "6", "--learning-rate", "2e-3",
+                       "--kl-coef", "0.02", "--log-dir", str(tmp_path / "log-ppo"), "--no-progress"]) == 0
+    before, after = cat_fraction(tmp_path / "sft", eval_prompts), cat_fraction(tmp_path / "ppo", eval_prompts)
+    assert after > before + 0.2, (before, after)
+    metrics = read_info(tmp_path / "ppo")["metrics"]
+    assert metrics["eval_score"] > metrics["eval_score_start"] + 0.3

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from rlhfkit.clients.client import Client, score_request
+from rlhfkit.v1 import models_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -76,14 +77,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_models(args) -> int:
-    with Client(args.address, timeout=args.timeout) as client:
-        models = client.list_models()
-    if args.json:
+def _print_models(models, as_json: bool):
+    if as_json:
         print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
-    else:
-        for m in models:
-            print(f"{m.name:12s} {m.role:9s} {m.version:20s} {m.stage or '-':4s} {m.num_parameters:>12,d} params  {m.path}")
+        return
+    for m in models:
+        roles = ",".join(m.roles) or "-"
+        print(f"{m.name:16s} {roles:18s} {m.version:28s} {m.stage or '-':4s} {m.num_parameters:>12,d} params  {m.path}")
+
+
+def cmd_models(args) -> int:
+    if args.action == "promote":
+        if not args.name or not args.role:
+            sys.exit("rlhfkit models promote: give the checkpoint NAME and --role policy|reference|reward")
+        if args.store:  # edit the store on disk; running servers pick it up at their next reload check
+            from rlhfkit.server.store import ModelStore, StoreError
+
+            try:
+                ModelStore(args.store).set_role(args.name, args.role)
+            except (KeyError, StoreError, FileNotFoundError) as e:
+                sys.exit(f"rlhfkit models promote: {e.args[0] if isinstance(e, KeyError) else e}")
+            print(f"{args.store}: {args.role} -> {args.name}")
+            return 0
+        with Client(args.address, timeout=args.timeout) as client:
+            _print_models(client.set_role(args.name, args.role), args.json)
+        return 0
+    with Client(args.address, timeout=args.timeout) as client:
+        resp = client.models.ListModels(models_pb2.ListModelsRequest(),
+                                        timeout=args.timeout)
+    _print_models(resp.models, args.json)
+    for f in resp.load_failures:
+        print(f"load failure: {f.name} ({f.path}) at {f.failed_at}: {f.error}", file=sys.stderr)
     return 0
 
 
@@ -140,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("models", help="list the served models")
+    p = sub.add_parser("models", help="list the served models, or promote a checkpoint to a role",
+                       description="`rlhfkit models` lists what a server serves (roles, versions, lineage, load "
+                                   "failures). `rlhfkit models promote NAME --role policy` points a role at a store "
+                                   "checkpoint: through the server (--address), or on disk (--store DIR).")
+    p.add_argument("action", nargs="?", choices=["list", "promote"], default="list")
+    p.add_argument("name", nargs="?", help="checkpoint name in the store (promote)")
+    p.add_argument("--role", choices=["policy", "reference", "reward"], help="role to give NAME (promote)")
+    p.add_argument("--store", help="model store directory to edit directly instead of asking a server")
     _client_args(p)
     p.set_defaults(func=cmd_models)
 

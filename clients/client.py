@@ -35,6 +35,21 @@ def compare_request(prompt: str, response_a: str, response_b: str, model: str = 
     return reward_pb2.CompareRequest(model=model, prompt=prompt, response_a=response_a, response_b=response_b)
 
 
+def log_probs_request(items: Iterable[tuple], model: str = "", reference_model: str = "",
+                      temperature: float | None = None) -> reward_pb2.LogProbsRequest:
+    """items: (prompt, response) strings or (prompt_token_ids, response_token_ids) lists."""
+    pb_items = []
+    for prompt, response in items:
+        if isinstance(prompt, str):
+            pb_items.append(reward_pb2.LogProbsItem(prompt=prompt, response=response))
+        else:
+            pb_items.append(reward_pb2.LogProbsItem(prompt_token_ids=prompt, response_token_ids=response))
+    req = reward_pb2.LogProbsRequest(model=model, reference_model=reference_model, items=pb_items)
+    if temperature is not None:
+        req.temperature = temperature
+    return req
+
+
 class _Stubs:
     def __init__(self, channel):
         self.channel = channel
@@ -65,8 +80,18 @@ class Client(_Stubs):
                 timeout: float | None = None) -> reward_pb2.CompareResponse:
         return self.reward.Compare(compare_request(prompt, response_a, response_b, model), timeout=timeout or self.timeout)
 
+    def log_probs(self, items: Iterable[tuple], model: str = "", reference_model: str = "",
+                  temperature: float | None = None, timeout: float | None = None) -> reward_pb2.LogProbsResponse:
+        return self.reward.LogProbs(log_probs_request(items, model, reference_model, temperature),
+                                    timeout=timeout or self.timeout)
+
     def list_models(self, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
         return list(self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout or self.timeout).models)
+
+    def set_role(self, name: str, role: str, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
+        """Point `role` at checkpoint `name` of the server's model store."""
+        resp = self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
+        return list(resp.models)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the server (or one service)."""
@@ -124,8 +149,17 @@ class AsyncClient(_Stubs):
         return await self.reward.Compare(compare_request(prompt, response_a, response_b, model),
                                          timeout=timeout or self.timeout)
 
+    async def log_probs(self, items: Iterable[tuple], model: str = "", reference_model: str = "",
+                        temperature: float | None = None, timeout: float | None = None) -> reward_pb2.LogProbsResponse:
+        return await self.reward.LogProbs(log_probs_request(items, model, reference_model, temperature),
+                                          timeout=timeout or self.timeout)
+
     async def list_models(self, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
         resp = await self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout or self.timeout)
+        return list(resp.models)
+
+    async def set_role(self, name: str, role: str, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
+        resp = await self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
         return list(resp.models)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:

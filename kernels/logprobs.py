@@ -31,7 +31,6 @@ TORCH_CHUNK_ELEMENTS = 1 << 20
 # Vocabulary block per loop step of a Triton program. The interpreter runs each block op
 # as one numpy call, so it prefers big blocks; a GPU wants a block that fits registers.
 MAX_BLOCK_V = {"cuda": 4096, "interpreter": 16384}
-_FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def block_v(n_cols: int, device: torch.device) -> int:
@@ -147,7 +146,7 @@ def _triton_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temp
 
 
 def _row_chunks(labels: torch.Tensor, ignore_index: int, n_cols: int):
-    """Yield (rows, keep) for the PyTorch path: a slice, or kept row indices, of at most
+    """Row chunks for the PyTorch path: slices, or kept row indices, of at most
     TORCH_CHUNK_ELEMENTS elements; ignored rows are skipped (they are often half of SFT)."""
     step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
     keep = labels != ignore_index
@@ -160,50 +159,49 @@ def _row_chunks(labels: torch.Tensor, ignore_index: int, n_cols: int):
             yield kept[start:start + step]
 
 
-def _float32_rows(logits, rows, temperature):
-    z = logits[rows].to(torch.float32, copy=True)  # copy: fp32 input must not be modified
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
+def _float32_rows(logits, rows, inv_temperature):
+    """z = logits[rows] / T in float32; a view (no copy) for float32 logits at T = 1."""
+    z = logits[rows].float()
+    return z * inv_temperature if inv_temperature != 1.0 else z
 
 
 def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
+    # Few, large ops per chunk: on a busy CPU every parallel region can wait for a thread.
     n_rows, n_cols = logits.shape
     logp = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp)
     for rows in _row_chunks(labels, ignore_index, n_cols):
-        z = _float32_rows(logits, rows, temperature)
+        z = _float32_rows(logits, rows, 1.0 / temperature)
         chunk_lse = torch.logsumexp(z, dim=-1)
         lse[rows] = chunk_lse
         logp[rows] = z.gather(1, labels[rows].unsqueeze(1)).squeeze(1) - chunk_lse
-        if with_entropy:
-            z.sub_(chunk_lse.unsqueeze(1))  # log p
-            p = z.exp()
-            z.clamp_(min=_FLOAT32_MIN)  # masked entries: p * log p = 0 * finite, not 0 * -inf
-            entropy[rows] = -(p * z).sum(-1)
+        if with_entropy:  # entr(p) = -p log p, and entr(0) = 0 on masked vocabulary
+            entropy[rows] = torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
     return logp, lse, entropy
 
 
 def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
                     with_entropy, out=None):
+    # d/dz [g_logp logp_y + g_H H] = g_logp onehot_y - p (g_logp + g_H H) + g_H entr(p),
+    # using d H / d z = -p (log p + H) = entr(p) - p H; then / T for the logits.
     n_rows, n_cols = logits.shape
+    inv_temperature = 1.0 / temperature
     # Kept rows are all written below; ignored rows are never read, so zeroing them first is
     # safe even when `out` is the logits tensor itself.
     grad = torch.empty_like(logits) if out is None else out
     grad[labels == ignore_index] = 0
     for rows in _row_chunks(labels, ignore_index, n_cols):
-        z = _float32_rows(logits, rows, temperature)
-        z.sub_(lse[rows].unsqueeze(1))  # log p
-        p = z.exp()
-        g_logp = grad_logp[rows].unsqueeze(1)
-        g = p * -g_logp
+        z = _float32_rows(logits, rows, inv_temperature)
+        g_logp = grad_logp[rows].unsqueeze(1) * inv_temperature
+        p = torch.softmax(z, dim=-1)
         if with_entropy:
-            z.clamp_(min=_FLOAT32_MIN).add_(entropy[rows].unsqueeze(1)).mul_(p).mul_(grad_entropy[rows].unsqueeze(1))
-            g.sub_(z)
+            g_entropy = grad_entropy[rows].unsqueeze(1) * inv_temperature
+            g = torch.special.entr(p).mul_(g_entropy)
+            g.addcmul_(p, g_logp + g_entropy * entropy[rows].unsqueeze(1), value=-1.0)
+        else:
+            g = p.mul_(-g_logp)
         g.scatter_add_(1, labels[rows].unsqueeze(1), g_logp)
-        if temperature != 1.0:
-            g.div_(temperature)
         grad[rows] = g.to(grad.dtype)
     return grad
 

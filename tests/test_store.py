@@ -232,10 +232,13 @@ def test_corrupt_or_half_written_checkpoints_never_serve(store, tiny_tokenizer):
             expected = greedy(store / "ppo-1", tiny_tokenizer, PROMPT, 10)
             # A checkpoint still being written under its temporary name: never looked at.
             shutil.copytree(store / "ppo-1", store / ".ppo-9.tmp-1234")
-            # A newer checkpoint whose weights file is truncated.
-            bad = publish(store, "ppo-bad", "ppo", tiny_tokenizer, seed=4, parent=store / "sft-1")
-            weights = bad / "model.safetensors"
+            # A newer checkpoint whose weights file is truncated (corrupted before it appears).
+            staging = publish(store.parent, "ppo-bad", "ppo", tiny_tokenizer, seed=4, parent=store / "sft-1")
+            weights = staging / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            bad = staging.rename(store / "ppo-bad")
+            wait_for(lambda: {f.name for f in c.models.ListModels(models_pb2.ListModelsRequest()).load_failures}
+                     == {"ppo-bad"}, what="the failed load to be reported")
             # A newer checkpoint with no weights at all.
             empty = store / "ppo-empty"
             empty.mkdir()

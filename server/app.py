@@ -147,6 +147,8 @@ class RlhfkitServer:
             await asyncio.sleep(self.config.reload_interval)
             try:
                 await self.refresh()
+            except FileNotFoundError as e:  # mid-rename of a republished directory: look again next time
+                log.warning("reload check skipped: %s", e)
             except Exception:  # a bad roles.json or a vanished store must not stop the server
                 log.exception("reload check failed; still serving the current models")
 

@@ -257,3 +257,21 @@ def test_corrupt_or_half_written_checkpoints_never_serve(store, tiny_tokenizer):
             assert 'rlhfkit:model_loads_total{result="failed"}' in text
     finally:
         srv.stop()
+
+
+def test_plain_policy_directory_reloads_when_republished(store, tiny_tokenizer):
+    target = store.parent / "served-policy"
+    shutil.copytree(store / "ppo-1", target)
+    srv = ServerThread(ServeConfig(policy=str(target), port=0, device="cpu", reload_interval=0.1)).wait_loaded()
+    try:
+        with Client(srv.address, timeout=60) as c:
+            assert c.generate(PROMPT, max_new_tokens=3).model_version == "policy@ppo-1"
+            torch.manual_seed(7)
+            publish_checkpoint(LlamaForCausalLM(tiny_llama_config(tiny_tokenizer)), tiny_tokenizer, target,
+                               stage="ppo", parent=store / "sft-1", extra={"version": "ppo-1b"}, overwrite=True)
+            wait_for(lambda: c.generate(PROMPT, max_new_tokens=3).model_version == "policy@ppo-1b",
+                     what="the republished directory to serve")
+            resp = c.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
+            assert list(resp.completions[0].token_ids) == greedy(target, tiny_tokenizer, PROMPT, 12)
+    finally:
+        srv.stop()

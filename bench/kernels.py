@@ -171,7 +171,8 @@ def cpu_times(function, mode, n_rows, args):
     times = {impl: [] for impl in fns}
     repeats = args.repeats if function != "fused_linear" else max(3, args.repeats // 2)
     for round_ in range(repeats + 1):
-        for impl, fn in fns.items():
+        order = list(fns.items()) if round_ % 2 else list(fns.items())[::-1]
+        for impl, fn in order:
             for t in inputs.values():
                 t.grad = None
             start = time.perf_counter()

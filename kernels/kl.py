@@ -141,24 +141,24 @@ def _triton_backward(logits, ref_logits, stats, grad_kl, temperature, with_ref_g
     return grad_p, grad_q
 
 
-def _chunk_terms(logits, ref_logits, rows, temperature, with_q):
-    """float32 (zp - zq, p, q or None, lse_p, lse_q, lse_p - lse_q) for a chunk of rows.
+def _chunk_terms(logits, ref_logits, rows, inv_temperature, with_q):
+    """float32 (d = zp - zq, p, q or None, lse_p, lse_q, lse_p - lse_q) for a chunk of rows.
 
     As in the kernel, maxima and differences are taken on the raw logits and scaled by 1/T
     afterwards, and lse_p - lse_q = (m_p - m_q) / T + log(s_p / s_q).
     """
-    xp = logits[rows].to(torch.float32, copy=True)
-    xq = ref_logits[rows].to(torch.float32, copy=True)
-    d = xp - xq
+    xp, xq = logits[rows].float(), ref_logits[rows].float()  # views for float32 inputs
+    # Where the policy masks a token (xp = -inf, p = 0), d is -inf or nan (both masked); it must
+    # weigh 0, not poison the sums. +inf (only the reference masks it) stays: KL is infinite.
+    d = torch.sub(xp, xq).mul_(inv_temperature).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=0.0)
     m_p, m_q = xp.amax(-1, keepdim=True), xq.amax(-1, keepdim=True)
-    p = xp.sub_(m_p).div_(temperature).exp_()  # unnormalised for now; reuses xp's storage
-    e_q = xq.sub_(m_q).div_(temperature).exp_()
+    p = torch.sub(xp, m_p).mul_(inv_temperature).exp_()  # unnormalised until divided by s_p
+    e_q = torch.sub(xq, m_q).mul_(inv_temperature).exp_()
     s_p, s_q = p.sum(-1, keepdim=True), e_q.sum(-1, keepdim=True)
     p.div_(s_p)
-    d.div_(temperature).masked_fill_(p == 0, 0.0)  # masked vocabulary: -inf - -inf = nan, weight 0
-    lse_p = (m_p / temperature + s_p.log()).squeeze(1)
-    lse_q = (m_q / temperature + s_q.log()).squeeze(1)
-    lse_diff = ((m_p - m_q) / temperature + (s_p / s_q).log()).squeeze(1)
+    lse_p = (m_p * inv_temperature + s_p.log()).squeeze(1)
+    lse_q = (m_q * inv_temperature + s_q.log()).squeeze(1)
+    lse_diff = ((m_p - m_q) * inv_temperature + (s_p / s_q).log()).squeeze(1)
     return d, p, (e_q.div_(s_q) if with_q else None), lse_p, lse_q, lse_diff
 
 
@@ -168,8 +168,8 @@ def _torch_forward(logits, ref_logits, temperature):
     step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        d, p, _, lse_p[rows], lse_q[rows], lse_diff = _chunk_terms(logits, ref_logits, rows, temperature, False)
-        mean_d[rows] = (p * d).sum(-1)
+        d, p, _, lse_p[rows], lse_q[rows], lse_diff = _chunk_terms(logits, ref_logits, rows, 1.0 / temperature, False)
+        mean_d[rows] = torch.linalg.vecdot(p, d)
         kl[rows] = mean_d[rows] - lse_diff
     return kl, (lse_p, lse_q, mean_d)
 
@@ -182,11 +182,11 @@ def _torch_backward(logits, ref_logits, stats, grad_kl, temperature, with_ref_gr
     step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        d, p, q, *_ = _chunk_terms(logits, ref_logits, rows, temperature, with_ref_grad)
+        d, p, q, *_ = _chunk_terms(logits, ref_logits, rows, 1.0 / temperature, with_ref_grad)
         g = (grad_kl[rows] / temperature).unsqueeze(1)
         if with_ref_grad:
-            grad_q[rows] = q.sub_(p).mul_(g).to(grad_q.dtype)
-        grad_p[rows] = d.sub_(mean_d[rows].unsqueeze(1)).mul_(p).mul_(g).to(grad_p.dtype)
+            grad_q[rows] = q.sub_(p).mul_(g)
+        grad_p[rows] = d.sub_(mean_d[rows].unsqueeze(1)).mul_(p).mul_(g)
     return grad_p, grad_q
 
 

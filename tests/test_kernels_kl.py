@@ -82,6 +82,7 @@ def draw_pair(shape, vocab, dtype, masked, close, gen):
         mask[:2500] = True
         logits[..., mask] = float("-inf")
         ref_logits[..., mask] = float("-inf")
+        logits[..., 2501::7] = float("-inf")  # tokens only the policy masks: p = 0 there, q > 0
     return logits.to(dtype), ref_logits.to(dtype)
 
 

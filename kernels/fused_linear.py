@@ -20,10 +20,17 @@ from rlhfkit.kernels.backend import resolve_backend
 from rlhfkit.kernels.logprobs import rows_backward, rows_forward
 
 
+# Each chunk reads the whole weight (and the backward adds into its gradient), V x H values
+# for 2 x rows x V x H flops: below a few hundred rows that traffic, not the matmul, is the cost.
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    # Liger's rule: a chunk's logits are about as big as the hidden states of all rows.
+    # Liger's rule (a chunk's logits about as big as all the hidden states), but at least
+    # MIN_CHUNK_ROWS rows: small models (H << V) would otherwise get chunks of a few rows.
     per_chunk = math.ceil(n_rows / math.ceil(vocab_size / max(hidden_size, 1)))
-    return max(1, 1 << max(per_chunk - 1, 0).bit_length())
+    liger = 1 << max(per_chunk - 1, 0).bit_length()
+    return max(1, min(n_rows, max(liger, MIN_CHUNK_ROWS)))
 
 
 class FusedLinearLogProbsFunction(torch.autograd.Function):

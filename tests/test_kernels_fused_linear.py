@@ -97,7 +97,9 @@ def test_default_chunk_keeps_logits_near_hidden_size():
     from rlhfkit.kernels.fused_linear import default_chunk_rows
 
     assert default_chunk_rows(8192, 4096, 128256) == 256  # 256 x 128256 logits ~ 8192 x 4096 hidden
-    assert default_chunk_rows(3, 4096, 128256) == 1
+    assert default_chunk_rows(65536, 4096, 128256) == 2048
+    assert default_chunk_rows(4096, 256, 32000) == 256  # small hidden: no tiny chunks
+    assert default_chunk_rows(3, 4096, 128256) == 3
 
 
 def test_bad_shapes():

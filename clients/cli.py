@@ -111,6 +111,41 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_feedback(args) -> int:
+    if args.action == "leaderboard":
+        with Client(args.address, timeout=args.timeout) as client:
+            board = client.leaderboard(args.bootstrap_rounds)
+        if args.json:
+            _print_json(board)
+            return 0
+        print(f"{board.num_battles} battles ({board.num_votes} votes)")
+        print(f"{'model':24s} {'Bradley-Terry':>14s} {'95% CI':>17s} {'Elo':>8s} {'battles':>8s}  W/L/T/BB")
+        for r in board.ratings:
+            print(f"{r.model:24s} {r.bradley_terry:14.1f} {r.bradley_terry_lower:8.1f}..{r.bradley_terry_upper:<7.1f} "
+                  f"{r.elo:8.1f} {r.battles:8d}  {r.wins}/{r.losses}/{r.ties}/{r.both_bad}")
+        return 0
+    # export reads the store directly: no server needed (several replicas may share it).
+    from rlhfkit.server.feedback import FeedbackStore, export_records
+
+    if not args.feedback_db:
+        sys.exit("rlhfkit feedback export: give --feedback-db sqlite:///PATH or postgresql://...")
+    store = FeedbackStore(args.feedback_db)
+    try:
+        records = export_records(store.voted_comparisons(), args.format)
+    finally:
+        store.close()
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    print(f"rlhfkit feedback export: {len(records)} {args.format} records"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_init_demo(args) -> int:
     from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
@@ -174,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="model store directory to edit directly instead of asking a server")
     _client_args(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("feedback", help="export A/B votes as training data, or show the leaderboard",
+                       description="`rlhfkit feedback export --feedback-db URL --format trl --out prefs.jsonl` writes "
+                                   "the votes of a feedback store as {prompt, chosen, rejected} lines (TRL; ties and "
+                                   "both-bad votes left out) or --format rankings {prompt, responses: [best, worst]}, "
+                                   "ready for `rlhfkit train rm --train-file`. `rlhfkit feedback leaderboard` asks a "
+                                   "server for its ratings.")
+    p.add_argument("action", choices=["export", "leaderboard"])
+    p.add_argument("--feedback-db", help="store to export: sqlite:///PATH or postgresql://... (export)")
+    p.add_argument("--format", choices=["trl", "rankings"], default="trl", help="export format (default: trl)")
+    p.add_argument("--out", help="output JSONL file (default: stdout)")
+    p.add_argument("--bootstrap-rounds", type=int, default=0, help="leaderboard: bootstrap rounds (0: server default)")
+    _client_args(p)
+    p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("init-demo", help="write a random-weight tiny policy and reward model to serve",
                        description="Write a tiny Llama policy and reward model with random weights and a tokenizer "

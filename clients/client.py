@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
+from rlhfkit.v1 import feedback_pb2, feedback_pb2_grpc
 
 
 def generate_request(prompt: str | None = None, *, prompt_token_ids: Iterable[int] = (), model: str = "",
@@ -50,12 +51,45 @@ def log_probs_request(items: Iterable[tuple], model: str = "", reference_model: 
     return req
 
 
+def comparison_request(prompt: str, *, models: tuple[str, str] | None = None, samples_of: str | None = None,
+                       **sampling) -> feedback_pb2.CreateComparisonRequest:
+    """Two models (`models=("ppo-1", "sft-1")`) or two samples of one (`samples_of="policy"`,
+    with temperature > 0); `sampling` takes generate_request's decoding keywords."""
+    if (models is None) == (samples_of is None):
+        raise ValueError("give models=(model_a, model_b) or samples_of=MODEL, one of them")
+    req = feedback_pb2.CreateComparisonRequest(prompt=prompt, sampling=generate_request("", **sampling).sampling)
+    if models is not None:
+        req.models.model_a, req.models.model_b = models
+    else:
+        req.samples_of = samples_of
+    return req
+
+
+def vote_request(comparison_id: str, choice: str | int, annotator_id: str,
+                 rationale: str | None = None) -> feedback_pb2.SubmitVoteRequest:
+    """choice: "left", "right", "tie", "both_bad" or a feedback_pb2.Choice value."""
+    if isinstance(choice, str):
+        choice = feedback_pb2.Choice.Value("CHOICE_" + choice.upper())
+    req = feedback_pb2.SubmitVoteRequest(comparison_id=comparison_id, choice=choice, annotator_id=annotator_id)
+    if rationale is not None:
+        req.rationale = rationale
+    return req
+
+
+def leaderboard_request(bootstrap_rounds: int = 0, seed: int | None = None) -> feedback_pb2.GetLeaderboardRequest:
+    req = feedback_pb2.GetLeaderboardRequest(bootstrap_rounds=bootstrap_rounds)
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
 class _Stubs:
     def __init__(self, channel):
         self.channel = channel
         self.generation = generation_pb2_grpc.GenerationStub(channel)
         self.reward = reward_pb2_grpc.RewardStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
+        self.feedback = feedback_pb2_grpc.FeedbackStub(channel)
         self.health_stub = health_pb2_grpc.HealthStub(channel)
 
 
@@ -92,6 +126,18 @@ class Client(_Stubs):
         """Point `role` at checkpoint `name` of the server's model store."""
         resp = self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
         return list(resp.models)
+
+    def create_comparison(self, prompt: str, *, timeout: float | None = None, **kwargs) -> feedback_pb2.Comparison:
+        return self.feedback.CreateComparison(comparison_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    def submit_vote(self, comparison_id: str, choice: str | int, annotator_id: str, rationale: str | None = None,
+                    timeout: float | None = None) -> feedback_pb2.SubmitVoteResponse:
+        return self.feedback.SubmitVote(vote_request(comparison_id, choice, annotator_id, rationale),
+                                        timeout=timeout or self.timeout)
+
+    def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None,
+                    timeout: float | None = None) -> feedback_pb2.Leaderboard:
+        return self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed), timeout=timeout or self.timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the server (or one service)."""
@@ -161,6 +207,20 @@ class AsyncClient(_Stubs):
     async def set_role(self, name: str, role: str, timeout: float | None = None) -> list[models_pb2.ModelInfo]:
         resp = await self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
         return list(resp.models)
+
+    async def create_comparison(self, prompt: str, *, timeout: float | None = None,
+                                **kwargs) -> feedback_pb2.Comparison:
+        return await self.feedback.CreateComparison(comparison_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    async def submit_vote(self, comparison_id: str, choice: str | int, annotator_id: str,
+                          rationale: str | None = None, timeout: float | None = None) -> feedback_pb2.SubmitVoteResponse:
+        return await self.feedback.SubmitVote(vote_request(comparison_id, choice, annotator_id, rationale),
+                                              timeout=timeout or self.timeout)
+
+    async def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None,
+                          timeout: float | None = None) -> feedback_pb2.Leaderboard:
+        return await self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed),
+                                                  timeout=timeout or self.timeout)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)

@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.server.engine import Engine
+from rlhfkit.server.feedback import FeedbackStore
+from rlhfkit.server.feedback_service import FeedbackService
+from rlhfkit.server.http import HttpSide
 from rlhfkit.server.metrics import ServerMetrics
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.store import CheckpointRef, ModelStore, read_checkpoint
 from rlhfkit.server.service import GenerationService, ModelsService, RewardService, ServerState
 from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
+from rlhfkit.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger("rlhfkit.server")
 
@@ -35,6 +40,7 @@ SERVICE_NAMES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+    feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
 ]
 
 
@@ -48,7 +54,12 @@ class ServeConfig:
     reload_interval: float = field(default=2.0, metadata={"help": "seconds between checks for newly published checkpoints (0: never reload)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for every interface)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and prints it)"})
-    metrics_port: int | None = field(default=None, metadata={"help": "HTTP port for Prometheus /metrics (off when unset; 0 picks one)"})
+    metrics_port: int | None = field(default=None, metadata={"help": "HTTP port for Prometheus /metrics, the labeling page (/) and "
+                                                                       "the leaderboard (/leaderboard) (off when unset; 0 picks one)"})
+    feedback_db: str | None = field(default=None, metadata={"help": "feedback store for A/B votes: sqlite:///PATH or postgresql://... "
+                                                                    "(default: sqlite feedback.db in --store, else rlhfkit-feedback.db "
+                                                                    "in the working directory; created on first use)"})
+    feedback_prompts: str | None = field(default=None, metadata={"help": "JSONL of {\"prompt\"} lines the labeling page draws prompts from"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
@@ -71,6 +82,21 @@ class ServeConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.feedback_db is None:
+            path = Path(self.store) / "feedback.db" if self.store else Path.cwd() / "rlhfkit-feedback.db"
+            self.feedback_db = f"sqlite:///{path.resolve()}"
+        if "://" not in self.feedback_db:
+            raise ValueError(f"feedback_db must be a URL (sqlite:///PATH or postgresql://...), got {self.feedback_db!r}")
+
+
+def read_prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--feedback-prompts {path}: no prompts")
+    return prompts
 
 
 class RlhfkitServer:
@@ -82,6 +108,8 @@ class RlhfkitServer:
                                  make_engine=lambda lm: Engine(lm, config.max_num_seqs, config.max_waiting,
                                                                self.metrics, config.seed))
         self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh)
+        self.feedback_store = FeedbackStore(config.feedback_db)
+        self.feedback = FeedbackService(self.state, self.feedback_store)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -95,6 +123,7 @@ class RlhfkitServer:
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
         reward_pb2_grpc.add_RewardServicer_to_server(RewardService(self.state), self.server)
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(self.state), self.server)
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(self.feedback, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
                                             self.server)
@@ -105,9 +134,10 @@ class RlhfkitServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
-                                                      registry=self.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
+            self._metrics_http = HttpSide(self.config.host, self.config.metrics_port, self.metrics, self.feedback,
+                                          self.state.registry, asyncio.get_running_loop(),
+                                          read_prompts(self.config.feedback_prompts))
+            self.metrics_port = self._metrics_http.port
         log.info("listening on %s:%d (metrics: %s)", self.config.host, self.port, self.metrics_port)
         self.loading = asyncio.ensure_future(self._load_then_serve())
 
@@ -165,6 +195,7 @@ class RlhfkitServer:
         self.state.scoring_pool.shutdown(wait=False)
         if self._metrics_http:
             self._metrics_http.shutdown()
+        self.feedback_store.close()
 
 
 class ServerThread:

@@ -16,6 +16,7 @@ import grpc
 
 from rlhfkit.kernels import SamplingParams, SamplingParamsError
 from rlhfkit.server.engine import Engine, EngineStoppedError, QueueFullError, SequenceOutput
+from rlhfkit.server.feedback import ComparisonNotFoundError, FeedbackInputError, VoteConflictError
 from rlhfkit.server.registry import ModelNotFoundError, ModelRegistry
 from rlhfkit.server.scoring import score_texts, token_scores
 from rlhfkit.server.store import ModelStore, StoreError
@@ -43,6 +44,9 @@ STATUS_FOR = {
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EngineStoppedError: grpc.StatusCode.UNAVAILABLE,
     ServerLoadingError: grpc.StatusCode.UNAVAILABLE,
+    FeedbackInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ComparisonNotFoundError: grpc.StatusCode.NOT_FOUND,
+    VoteConflictError: grpc.StatusCode.ALREADY_EXISTS,
 }
 REQUEST_ERRORS = tuple(STATUS_FOR)
 

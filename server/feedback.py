@@ -1,0 +1,213 @@
+"""The feedback store: comparisons and votes, one schema on two backends.
+
+SQLite is the embedded default (one file); PostgreSQL lets several server replicas share
+one store. Both go through SQLAlchemy Core, so there is no dialect code here beyond the
+SQLite durability pragmas. A vote is acknowledged only after its transaction commits
+(SQLite: WAL with synchronous=FULL, so the commit is on disk; PostgreSQL: synchronous
+commit, its default), so a crash right after the reply loses nothing.
+
+One vote per (comparison, annotator) is a unique constraint, so two replicas racing on the
+same vote cannot both insert it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+CHOICES = ("left", "right", "tie", "both_bad")
+
+metadata = sa.MetaData()
+comparisons = sa.Table(
+    "rlhfkit_comparisons", metadata,
+    sa.Column("comparison_id", sa.String(32), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # "models" or "samples"
+    sa.Column("left_model", sa.Text, nullable=False),
+    sa.Column("left_model_version", sa.Text, nullable=False),
+    sa.Column("left_response", sa.Text, nullable=False),
+    sa.Column("right_model", sa.Text, nullable=False),
+    sa.Column("right_model_version", sa.Text, nullable=False),
+    sa.Column("right_response", sa.Text, nullable=False),
+    sa.Column("sampling", sa.Text, nullable=False),  # the request's SamplingParams as JSON
+)
+votes = sa.Table(
+    "rlhfkit_votes", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # vote order (online Elo)
+    sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("comparison_id", sa.String(32), sa.ForeignKey(comparisons.c.comparison_id), nullable=False),
+    sa.Column("annotator_id", sa.Text, nullable=False),
+    sa.Column("choice", sa.String(16), nullable=False),
+    sa.Column("rationale", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"),
+)
+
+
+class FeedbackInputError(ValueError):
+    """A field of a feedback request is bad; the message starts with the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ComparisonNotFoundError(LookupError):
+    """A vote named a comparison the store does not have."""
+
+
+class VoteConflictError(RuntimeError):
+    """The annotator already voted differently on this comparison."""
+
+
+@dataclass
+class Vote:
+    vote_id: str
+    comparison_id: str
+    annotator_id: str
+    choice: str
+    rationale: str | None
+    already_recorded: bool
+    comparison: dict  # the comparisons row: models revealed
+
+
+def database_url(url: str) -> str:
+    """SQLAlchemy URL with a driver: postgresql:// means psycopg 3 (psycopg2 is not a dependency)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _sqlite_durable(dbapi_connection, _record):
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several processes)
+    cur.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: an acknowledged vote is on disk
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class FeedbackStore:
+    """Opens (and creates the tables of) the database on first use, so a server that never
+    sees a comparison never writes a file."""
+
+    def __init__(self, url: str):
+        if not url or "://" not in url:
+            raise ValueError(f"feedback_db must be a database URL (sqlite:///PATH or postgresql://...), got {url!r}")
+        self.url = database_url(url)
+        self._engine: sa.Engine | None = None
+
+    @property
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            engine = sa.create_engine(self.url, pool_pre_ping=True)
+            if engine.dialect.name == "sqlite":
+                sa.event.listen(engine, "connect", _sqlite_durable)
+                if engine.url.database and engine.url.database != ":memory:":
+                    Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+            metadata.create_all(engine, checkfirst=True)
+            self._engine = engine
+        return self._engine
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def add_comparison(self, prompt: str, source: str, left: tuple[str, str, str], right: tuple[str, str, str],
+                       sampling_json: str = "{}") -> str:
+        """left/right: (model name, model version, response). Returns the comparison id."""
+        comparison_id = uuid.uuid4().hex
+        with self.engine.begin() as conn:
+            conn.execute(comparisons.insert().values(
+                comparison_id=comparison_id, created_at=time.time(), prompt=prompt, source=source,
+                left_model=left[0], left_model_version=left[1], left_response=left[2],
+                right_model=right[0], right_model_version=right[1], right_response=right[2],
+                sampling=sampling_json))
+        return comparison_id
+
+    def get_comparison(self, comparison_id: str, conn=None) -> dict:
+        def read(c):
+            row = c.execute(comparisons.select().where(comparisons.c.comparison_id == comparison_id)).mappings().first()
+            if row is None:
+                raise ComparisonNotFoundError(f"comparison_id: no comparison {comparison_id!r} in the feedback store")
+            return dict(row)
+
+        if conn is not None:
+            return read(conn)
+        with self.engine.connect() as c:
+            return read(c)
+
+    def add_vote(self, comparison_id: str, choice: str, annotator_id: str, rationale: str | None = None) -> Vote:
+        """Record a vote; returns once it is committed. The same vote again returns the
+        recorded one; a different one by the same annotator raises VoteConflictError."""
+        if choice not in CHOICES:
+            raise FeedbackInputError("choice", f"must be one of {', '.join(CHOICES)}, got {choice!r}")
+        if not annotator_id:
+            raise FeedbackInputError("annotator_id", "is empty: say who votes (any stable id)")
+        if not comparison_id:
+            raise FeedbackInputError("comparison_id", "is empty")
+        vote_id = uuid.uuid4().hex
+        try:
+            with self.engine.begin() as conn:
+                comparison = self.get_comparison(comparison_id, conn)
+                conn.execute(votes.insert().values(vote_id=vote_id, comparison_id=comparison_id,
+                                                   annotator_id=annotator_id, choice=choice, rationale=rationale,
+                                                   created_at=time.time()))
+            return Vote(vote_id, comparison_id, annotator_id, choice, rationale, False, comparison)
+        except sa.exc.IntegrityError:
+            pass  # this annotator already voted here (perhaps on another replica, just now)
+        with self.engine.connect() as conn:
+            comparison = self.get_comparison(comparison_id, conn)
+            old = conn.execute(votes.select().where(votes.c.comparison_id == comparison_id,
+                                                    votes.c.annotator_id == annotator_id)).mappings().one()
+        if (old["choice"], old["rationale"]) != (choice, rationale):
+            raise VoteConflictError(f"annotator {annotator_id!r} already voted {old['choice']!r} on comparison "
+                                    f"{comparison_id!r} (vote {old['vote_id']}); a vote cannot be changed")
+        return Vote(old["vote_id"], comparison_id, annotator_id, choice, rationale, True, comparison)
+
+    def battles(self) -> list[tuple[str, str, str]]:
+        """(left model, right model, choice) of every vote, in vote order."""
+        q = (sa.select(comparisons.c.left_model, comparisons.c.right_model, votes.c.choice)
+             .join(comparisons, votes.c.comparison_id == comparisons.c.comparison_id).order_by(votes.c.seq))
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(q)]
+
+    def voted_comparisons(self) -> list[dict]:
+        """Every vote with its comparison, in vote order."""
+        q = (sa.select(votes.c.vote_id, votes.c.annotator_id, votes.c.choice, votes.c.rationale,
+                       votes.c.created_at.label("voted_at"), comparisons)
+             .join(comparisons, votes.c.comparison_id == comparisons.c.comparison_id).order_by(votes.c.seq))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def random_prompt(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(comparisons.c.prompt).order_by(sa.func.random()).limit(1)).scalar()
+
+
+def export_records(rows: list[dict], fmt: str) -> list[dict]:
+    """Training records from voted comparisons. trl: {"prompt", "chosen", "rejected"} (TRL /
+    HH-RLHF); rankings: {"prompt", "responses": [best, worst]}. Ties and both-bad votes
+    say nothing about which response is better and are left out; every record keeps the
+    vote, comparison and annotator ids and the models, so it can be traced back."""
+    if fmt not in ("trl", "rankings"):
+        raise ValueError(f"format must be trl or rankings, got {fmt!r}")
+    records = []
+    for r in rows:
+        if r["choice"] not in ("left", "right"):
+            continue
+        win, lose = ("left", "right") if r["choice"] == "left" else ("right", "left")
+        record = {"prompt": r["prompt"]}
+        if fmt == "trl":
+            record.update(chosen=r[f"{win}_response"], rejected=r[f"{lose}_response"])
+        else:
+            record["responses"] = [r[f"{win}_response"], r[f"{lose}_response"]]
+        record.update(vote_id=r["vote_id"], comparison_id=r["comparison_id"], annotator_id=r["annotator_id"],
+                      chosen_model=r[f"{win}_model_version"], rejected_model=r[f"{lose}_model_version"])
+        records.append(record)
+    return records

@@ -1,0 +1,127 @@
+"""The Feedback servicer: A/B comparisons, votes, leaderboard.
+
+Responses come from the served engines through GenerationService's own submit/collect
+path, so a comparison is decoded (and validated, queued, cancelled) exactly like a
+Generate call. The `*_core` methods raise the exceptions of service.STATUS_FOR; the gRPC
+methods turn them into statuses, and the HTTP side (server/http.py) into HTTP errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from google.protobuf.json_format import MessageToJson
+
+from rlhfkit.server.feedback import FeedbackInputError, FeedbackStore
+from rlhfkit.server.ratings import rate
+from rlhfkit.server.service import REQUEST_ERRORS, GenerationService, ServerState, fail
+from rlhfkit.v1 import feedback_pb2 as fb_pb
+from rlhfkit.v1 import feedback_pb2_grpc as fb_grpc
+from rlhfkit.v1 import generation_pb2 as gen_pb
+
+CHOICE_NAMES = {fb_pb.CHOICE_LEFT: "left", fb_pb.CHOICE_RIGHT: "right", fb_pb.CHOICE_TIE: "tie",
+                fb_pb.CHOICE_BOTH_BAD: "both_bad"}
+CHOICE_OF = {v: k for k, v in CHOICE_NAMES.items()}
+
+
+class FeedbackService(fb_grpc.FeedbackServicer):
+    def __init__(self, state: ServerState, store: FeedbackStore):
+        self.state = state
+        self.store = store
+        self.generation = GenerationService(state)
+
+    async def _db(self, fn, *args):
+        """Store calls block (disk, network): off the event loop, in the default pool."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _responses(self, model: str, prompt: str, sampling: gen_pb.SamplingParams, n: int):
+        """n completions of one model for the prompt: [(name, name@version, text)]."""
+        s = gen_pb.SamplingParams()
+        s.CopyFrom(sampling)
+        s.n = n
+        engine, req, queue = self.generation._submit(gen_pb.GenerateRequest(model=model, prompt=prompt, sampling=s))
+        texts = [""] * n
+        async for outs in self.generation._outputs(engine, req, queue):
+            for o in outs:
+                texts[o.index] += o.text
+        return [(engine.lm.name, engine.lm.model_version, t) for t in texts]
+
+    async def create_comparison_core(self, request: fb_pb.CreateComparisonRequest) -> fb_pb.Comparison:
+        if not request.prompt:
+            raise FeedbackInputError("prompt", "is empty")
+        if request.sampling.n > 1:
+            raise FeedbackInputError("sampling.n", f"a comparison has one response per side: leave n unset or 1, "
+                                     f"got {request.sampling.n}")
+        source = request.WhichOneof("source")
+        if source is None:
+            raise FeedbackInputError("source", "set models {model_a, model_b} (two models) or samples_of "
+                                     "(two samples of one model)")
+        self.state.check_ready()
+        if source == "models":
+            for model in (request.models.model_a, request.models.model_b):  # both known before decoding either
+                self.state.registry.get(model, "policy")
+            pair = await asyncio.gather(
+                self._responses(request.models.model_a, request.prompt, request.sampling, 1),
+                self._responses(request.models.model_b, request.prompt, request.sampling, 1))
+            responses = [pair[0][0], pair[1][0]]
+        else:
+            if request.sampling.temperature <= 0:
+                raise FeedbackInputError("sampling.temperature", "two samples of one model need temperature > 0 "
+                                         "(greedy decoding gives the same text twice)")
+            responses = await self._responses(request.samples_of, request.prompt, request.sampling, 2)
+        if secrets.randbelow(2):  # sides at random: position must not tell the annotator who answered
+            responses.reverse()
+        left, right = responses
+        comparison_id = await self._db(self.store.add_comparison, request.prompt, source, left, right,
+                                       MessageToJson(request.sampling, indent=None))
+        self.state.metrics.feedback_comparisons.labels(source).inc()
+        return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2])
+
+    async def submit_vote_core(self, request: fb_pb.SubmitVoteRequest) -> fb_pb.SubmitVoteResponse:
+        if request.choice not in CHOICE_NAMES:
+            raise FeedbackInputError("choice", "must be CHOICE_LEFT, CHOICE_RIGHT, CHOICE_TIE or CHOICE_BOTH_BAD, "
+                                     f"got {fb_pb.Choice.Name(request.choice) if request.choice in fb_pb.Choice.values() else request.choice}")
+        vote = await self._db(self.store.add_vote, request.comparison_id, CHOICE_NAMES[request.choice],
+                              request.annotator_id, request.rationale if request.HasField("rationale") else None)
+        if not vote.already_recorded:
+            self.state.metrics.feedback_votes.labels(vote.choice).inc()
+        c = vote.comparison
+        return fb_pb.SubmitVoteResponse(
+            vote_id=vote.vote_id, comparison_id=vote.comparison_id, choice=request.choice,
+            left_model=c["left_model"], right_model=c["right_model"], left_model_version=c["left_model_version"],
+            right_model_version=c["right_model_version"], already_recorded=vote.already_recorded)
+
+    async def leaderboard_core(self, request: fb_pb.GetLeaderboardRequest) -> fb_pb.Leaderboard:
+        rounds = request.bootstrap_rounds or 100
+        if rounds > 10000:
+            raise FeedbackInputError("bootstrap_rounds", f"must be at most 10000, got {rounds}")
+        battles = await self._db(self.store.battles)
+        r = await self._db(rate, battles, rounds, request.seed if request.HasField("seed") else 0)
+        return fb_pb.Leaderboard(
+            ratings=[fb_pb.ModelRating(model=x.model, elo=x.elo, bradley_terry=x.bradley_terry,
+                                       bradley_terry_lower=x.lower, bradley_terry_upper=x.upper, battles=x.battles,
+                                       wins=x.wins, losses=x.losses, ties=x.ties, both_bad=x.both_bad)
+                     for x in r.ratings],
+            models=r.models, num_votes=len(battles), num_battles=r.num_battles,
+            win_rates=[fb_pb.WinRateRow(model=m, win_rates=r.win_rates[i].tolist(), battles=r.battles[i].tolist())
+                       for i, m in enumerate(r.models)])
+
+    async def CreateComparison(self, request, context):
+        try:
+            return await self.create_comparison_core(request)
+        except REQUEST_ERRORS as e:
+            return await fail(self.state, context, "CreateComparison", e)
+
+    async def SubmitVote(self, request, context):
+        try:
+            return await self.submit_vote_core(request)
+        except REQUEST_ERRORS as e:
+            return await fail(self.state, context, "SubmitVote", e)
+
+    async def GetLeaderboard(self, request, context):
+        try:
+            return await self.leaderboard_core(request)
+        except REQUEST_ERRORS as e:
+            return await fail(self.state, context, "GetLeaderboard", e)
+

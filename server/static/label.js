@@ -1,0 +1,100 @@
+// The labeling page: ask the server for a comparison, show the two anonymous responses,
+// send the vote (buttons or keys 1-4), then show which models answered.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let current = null;  // the comparison on screen, until voted
+
+async function api(path, body) {
+  const resp = await fetch(path, body === undefined ? {} :
+    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const data = await resp.json();
+  if (!resp.ok) throw new Error(`${data.code}: ${data.error}`);
+  return data;
+}
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function annotator() {
+  // A stable id per browser unless the person types their own.
+  let id = $("annotator").value.trim() || localStorage.getItem("rlhfkit-annotator");
+  if (!id) id = "anon-" + Math.random().toString(36).slice(2, 10);
+  localStorage.setItem("rlhfkit-annotator", id);
+  $("annotator").value = id;
+  return id;
+}
+
+async function compare() {
+  const prompt = $("prompt").value;
+  if (!prompt.trim()) return status("Type a prompt or draw one first.", true);
+  const sampling = {temperature: Number($("temperature").value), maxNewTokens: Number($("max-new-tokens").value)};
+  const body = {prompt, sampling};
+  if ($("source").value === "models") body.models = {modelA: $("model-a").value, modelB: $("model-b").value};
+  else body.samplesOf = $("samples-of").value;
+  status("Generating…");
+  $("compare").disabled = true;
+  try {
+    current = await api("/api/comparisons", body);
+    $("left").textContent = current.left;
+    $("right").textContent = current.right;
+    $("left-model").textContent = $("right-model").textContent = "";
+    $("reveal").hidden = true;
+    $("rationale").value = "";
+    document.querySelectorAll(".votes button").forEach((b) => { b.disabled = false; b.classList.remove("chosen"); });
+    $("battle").hidden = false;
+    status("Which response is better? Click or press 1-4.");
+  } catch (e) {
+    status(e.message, true);
+  } finally {
+    $("compare").disabled = false;
+  }
+}
+
+async function vote(button) {
+  if (!current || button.disabled) return;
+  const body = {comparisonId: current.comparison_id, choice: button.dataset.choice, annotatorId: annotator()};
+  if ($("rationale").value.trim()) body.rationale = $("rationale").value.trim();
+  document.querySelectorAll(".votes button").forEach((b) => { b.disabled = true; });
+  try {
+    const v = await api("/api/votes", body);
+    button.classList.add("chosen");
+    $("left-model").textContent = v.left_model_version;
+    $("right-model").textContent = v.right_model_version;
+    $("reveal").textContent = `Left was ${v.left_model}, right was ${v.right_model}. Vote ${v.vote_id} recorded.`;
+    $("reveal").hidden = false;
+    status("Thanks! Draw or type another prompt.");
+    current = null;
+  } catch (e) {
+    document.querySelectorAll(".votes button").forEach((b) => { b.disabled = false; });
+    status(e.message, true);
+  }
+}
+
+async function draw() {
+  try { $("prompt").value = (await api("/api/prompt")).prompt; } catch (e) { status(e.message, true); }
+}
+
+async function listModels() {
+  try {
+    const {models} = await api("/api/models");
+    $("model-names").replaceChildren(...models.map((m) => Object.assign(document.createElement("option"), {value: m})));
+  } catch (e) { /* the datalist is a convenience */ }
+}
+
+$("draw").onclick = draw;
+$("compare").onclick = compare;
+$("source").onchange = () => {
+  $("models-box").hidden = $("source").value !== "models";
+  $("samples-box").hidden = $("source").value === "models";
+};
+document.querySelectorAll(".votes button").forEach((b) => { b.onclick = () => vote(b); });
+document.addEventListener("keydown", (e) => {
+  if (["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName)) return;  // typing, not voting
+  const button = {"1": "vote-left", "2": "vote-right", "3": "vote-tie", "4": "vote-both-bad"}[e.key];
+  if (button) vote($(button));
+});
+$("annotator").value = localStorage.getItem("rlhfkit-annotator") || "";
+annotator();
+listModels();

@@ -1,0 +1,29 @@
+"use strict";
+const fmt = (x) => (typeof x === "number" ? x.toFixed(1) : "–");
+
+function cells(row, values, tag = "td") {
+  values.forEach((v) => row.appendChild(Object.assign(document.createElement(tag), {textContent: v})));
+}
+
+async function load() {
+  const resp = await fetch("/api/leaderboard");
+  const board = await resp.json();
+  if (!resp.ok) {
+    document.getElementById("summary").textContent = `${board.code}: ${board.error}`;
+    return;
+  }
+  document.getElementById("summary").textContent = `${board.num_battles} battles from ${board.num_votes} votes.`;
+  const body = document.querySelector("#ratings tbody");
+  board.ratings.forEach((r, i) => cells(body.insertRow(), [i + 1, r.model, fmt(r.bradley_terry),
+    `${fmt(r.bradley_terry_lower)} – ${fmt(r.bradley_terry_upper)}`, fmt(r.elo), r.battles, r.wins, r.losses,
+    r.ties, r.both_bad]));
+  const table = document.getElementById("win-rates");
+  cells(table.createTHead().insertRow(), ["", ...board.models], "th");
+  const tbody = table.createTBody();
+  board.win_rates.forEach((w) => {
+    const row = tbody.insertRow();
+    cells(row, [w.model], "th");
+    cells(row, w.win_rates.map((x, j) => (w.battles[j] ? `${(100 * Number(x)).toFixed(0)}% (${w.battles[j]})` : "")));
+  });
+}
+load();

@@ -159,7 +159,9 @@ def cpu_memory_case(case):
     base = rss_bytes()
     call(fn, inputs, case["mode"])
     peak = rss_bytes("VmHWM")
-    return {"peak_extra_mb": (peak - base) / 2**20, "baseline_rss_mb": base / 2**20}
+    input_grads = sum(t.numel() * t.element_size() for t in inputs.values() if t.requires_grad)
+    return {"peak_extra_mb": (peak - base) / 2**20, "baseline_rss_mb": base / 2**20,
+            "input_grads_mb": input_grads / 2**20}
 
 
 def cpu_times(function, mode, n_rows, args):
@@ -200,6 +202,30 @@ def run_cpu(args):
                     print(f"{function:17s} {mode:8s} N={n_rows:5d} {impl:8s} "
                           f"{result['median_s'] * 1e3:9.1f} ms  {result['peak_extra_mb']:8.1f} MB", flush=True)
     return results
+
+
+def decode_step_times(args):
+    """The server's call: log-probs of the chosen tokens of one decode step, [B, V], no grad."""
+    out = []
+    for batch in (1, 8):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.empty(batch, args.vocab, dtype=dtype).normal_(0, 3)
+            labels = torch.randint(0, args.vocab, (batch,))
+            fns = {"naive": NAIVE["logprobs"], "rlhfkit": rlhfkit_impl("logprobs")}
+            times = {impl: [] for impl in fns}
+            with torch.no_grad():
+                for round_ in range(51):
+                    for impl, fn in fns.items():
+                        start = time.perf_counter()
+                        fn(logits, labels)
+                        if round_:
+                            times[impl].append(time.perf_counter() - start)
+            entry = {"batch": batch, "vocab": args.vocab, "dtype": str(dtype).removeprefix("torch."),
+                     **{f"{impl}_median_us": statistics.median(t) * 1e6 for impl, t in times.items()}}
+            out.append(entry)
+            print(f"decode step B={batch} {entry['dtype']:8s}: naive {entry['naive_median_us']:.0f} us, "
+                  f"rlhfkit {entry['rlhfkit_median_us']:.0f} us", flush=True)
+    return out
 
 
 # ---- CUDA: in process -------------------------------------------------------------------------
@@ -279,9 +305,14 @@ def ratios(results):
     for (function, mode, n_rows, vocab, impl), r in by_key.items():
         naive = by_key.get((function, mode, n_rows, vocab, "naive"))
         if impl == "rlhfkit" and naive:
-            out.append({"function": function, "mode": mode, "n_rows": n_rows, "vocab": vocab,
-                        "time_ratio": r["median_s"] / naive["median_s"],
-                        "memory_ratio": r["peak_extra_mb"] / max(naive["peak_extra_mb"], 1e-9)})
+            entry = {"function": function, "mode": mode, "n_rows": n_rows, "vocab": vocab,
+                     "time_ratio": r["median_s"] / naive["median_s"],
+                     "memory_ratio": r["peak_extra_mb"] / max(naive["peak_extra_mb"], 1e-9)}
+            if r.get("input_grads_mb"):  # the gradients both must return, e.g. [N, V] for logits
+                grads = r["input_grads_mb"]
+                entry["memory_ratio_beyond_input_grads"] = (
+                    (r["peak_extra_mb"] - grads) / max(naive["peak_extra_mb"] - grads, 1e-9))
+            out.append(entry)
     return out
 
 
@@ -304,8 +335,11 @@ def main(argv=None):
     results = run_cpu(args) if args.device == "cpu" else run_cuda(args)
     summary = ratios(results)
     for r in summary:
+        beyond = r.get("memory_ratio_beyond_input_grads")
         print(f"{r['function']:17s} {r['mode']:8s} N={r['n_rows']:5d}: time x{r['time_ratio']:.2f}, "
-              f"memory x{r['memory_ratio']:.3f} of naive")
+              f"memory x{r['memory_ratio']:.3f} of naive"
+              + (f" (x{beyond:.3f} beyond the input gradients)" if beyond is not None else ""))
+    decode = decode_step_times(args) if args.device == "cpu" else None
     report = {
         "device": args.device,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
@@ -317,6 +351,7 @@ def main(argv=None):
         "time_measure": f"median of {args.repeats} calls after one warm-up",
         "results": results,
         "rlhfkit_vs_naive": summary,
+        "decode_step": decode,
     }
     out = args.out or Path(__file__).resolve().parent / "results" / f"kernels_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -167,18 +167,17 @@ def _float32_rows(logits, rows, inv_temperature):
 
 def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
     # Few, large ops per chunk: on a busy CPU every parallel region can wait for a thread.
+    # log_softmax is one fused pass on CPU (logsumexp is several); the PyTorch backward
+    # recomputes softmax and needs no saved lse, so none is returned (zeros).
     n_rows, n_cols = logits.shape
     logp = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp)
     for rows in _row_chunks(labels, ignore_index, n_cols):
-        z = _float32_rows(logits, rows, 1.0 / temperature)
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        lse[rows] = chunk_lse
-        logp[rows] = z.gather(1, labels[rows].unsqueeze(1)).squeeze(1) - chunk_lse
+        logp_all = torch.log_softmax(_float32_rows(logits, rows, 1.0 / temperature), dim=-1)
+        logp[rows] = logp_all.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
         if with_entropy:  # entr(p) = -p log p, and entr(0) = 0 on masked vocabulary
-            entropy[rows] = torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
-    return logp, lse, entropy
+            entropy[rows] = torch.special.entr(logp_all.exp_()).sum(-1)
+    return logp, torch.zeros_like(logp), entropy
 
 
 def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,

@@ -1,0 +1,160 @@
+"""The feedback store, one suite on both backends: SQLite (embedded) and PostgreSQL
+(RLHFKIT_TEST_POSTGRES_URL; each run gets its own schema, dropped afterwards)."""
+
+import json
+import os
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from rlhfkit.clients.cli import main as cli_main
+from rlhfkit.server.feedback import (ComparisonNotFoundError, FeedbackInputError, FeedbackStore, VoteConflictError,
+                                     database_url, export_records)
+from rlhfkit.training.data import read_jsonl
+from rlhfkit.training.rm import read_rankings
+
+PG_URL = os.environ.get("RLHFKIT_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    if not PG_URL:
+        pytest.skip("RLHFKIT_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    schema = f"rlhfkit_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(database_url(PG_URL))
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    except sa.exc.OperationalError as e:
+        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable: {e.orig}")
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def store(url):
+    s = FeedbackStore(url)
+    yield s
+    s.close()
+
+
+def add(store, prompt="p", left=("m1", "m1@v1", "L"), right=("m2", "m2@v1", "R")):
+    return store.add_comparison(prompt, "models", left, right)
+
+
+def test_comparison_round_trip(store, url):
+    cid = add(store, "the cat", ("ppo-1", "ppo-1@abc", "purrs"), ("sft-1", "sft-1@def", "sleeps"))
+    c = FeedbackStore(url).get_comparison(cid)  # another connection (another replica) sees it
+    assert (c["prompt"], c["left_model"], c["left_model_version"], c["left_response"]) == \
+        ("the cat", "ppo-1", "ppo-1@abc", "purrs")
+    assert (c["right_model"], c["right_response"], c["source"]) == ("sft-1", "sleeps", "models")
+    with pytest.raises(ComparisonNotFoundError, match="comparison_id"):
+        store.get_comparison("nope")
+
+
+def test_votes_idempotent_conflicting_and_bad(store):
+    cid = add(store)
+    v = store.add_vote(cid, "left", "alice", "better")
+    assert not v.already_recorded and v.comparison["left_model"] == "m1"
+    again = store.add_vote(cid, "left", "alice", "better")
+    assert again.already_recorded and again.vote_id == v.vote_id
+    with pytest.raises(VoteConflictError, match="already voted 'left'"):
+        store.add_vote(cid, "right", "alice", "better")
+    with pytest.raises(VoteConflictError):
+        store.add_vote(cid, "left", "alice", None)
+    assert store.add_vote(cid, "tie", "bob").vote_id != v.vote_id
+    with pytest.raises(ComparisonNotFoundError):
+        store.add_vote("f" * 32, "left", "alice")
+    with pytest.raises(FeedbackInputError, match="^choice:"):
+        store.add_vote(cid, "middle", "carol")
+    with pytest.raises(FeedbackInputError, match="^annotator_id:"):
+        store.add_vote(cid, "left", "")
+    assert [(r["annotator_id"], r["choice"]) for r in store.voted_comparisons()] == [("alice", "left"), ("bob", "tie")]
+
+
+def test_replicas_racing_on_one_vote(url):
+    """Two store instances (two server replicas), eight threads, one annotator, one comparison:
+    exactly one vote is recorded; same-choice retries get it back, a different choice conflicts."""
+    replicas = [FeedbackStore(url), FeedbackStore(url)]
+    cid = add(replicas[0])
+    results, errors = [], []
+    barrier = threading.Barrier(8)
+
+    def vote(i):
+        barrier.wait()
+        try:
+            results.append(replicas[i % 2].add_vote(cid, "left" if i < 6 else "right", "alice").vote_id)
+        except VoteConflictError:
+            errors.append(i)
+        except Exception as e:  # noqa: BLE001 - any other failure fails the test below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=vote, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = replicas[1].voted_comparisons()
+    for r in replicas:
+        r.close()
+    assert len(rows) == 1
+    winner = rows[0]["choice"]
+    assert all(v == rows[0]["vote_id"] for v in results)
+    # Whichever choice landed first, every thread with the other choice conflicted.
+    assert sorted(errors) == ([6, 7] if winner == "left" else [0, 1, 2, 3, 4, 5])
+
+
+def test_battles_in_vote_order(store):
+    c1 = add(store, left=("a", "a@1", "x"), right=("b", "b@1", "y"))
+    c2 = add(store, left=("b", "b@1", "x"), right=("c", "c@1", "y"))
+    store.add_vote(c2, "right", "u1")
+    store.add_vote(c1, "tie", "u1")
+    store.add_vote(c2, "both_bad", "u2")
+    assert store.battles() == [("b", "c", "right"), ("a", "b", "tie"), ("b", "c", "both_bad")]
+
+
+def test_export_formats(store, url, tmp_path, capsys):
+    c1 = add(store, "p1", ("a", "a@1", "A1"), ("b", "b@1", "B1"))
+    c2 = add(store, "p2", ("b", "b@1", "B2"), ("a", "a@1", "A2"))
+    v1 = store.add_vote(c1, "left", "ann1")
+    v2 = store.add_vote(c2, "left", "ann2")
+    store.add_vote(c1, "tie", "ann2")
+    store.add_vote(c2, "both_bad", "ann1")
+    rows = store.voted_comparisons()
+    assert export_records(rows, "trl") == [
+        {"prompt": "p1", "chosen": "A1", "rejected": "B1", "vote_id": v1.vote_id, "comparison_id": c1,
+         "annotator_id": "ann1", "chosen_model": "a@1", "rejected_model": "b@1"},
+        {"prompt": "p2", "chosen": "B2", "rejected": "A2", "vote_id": v2.vote_id, "comparison_id": c2,
+         "annotator_id": "ann2", "chosen_model": "b@1", "rejected_model": "a@1"}]
+    assert [(r["prompt"], r["responses"]) for r in export_records(rows, "rankings")] == [("p1", ["A1", "B1"]),
+                                                                                         ("p2", ["B2", "A2"])]
+    # Through the CLI, straight from the database, into files the RM trainer reads as they are.
+    store.close()
+    for fmt in ("trl", "rankings"):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert cli_main(["feedback", "export", "--feedback-db", url, "--format", fmt, "--out", str(out)]) == 0
+        assert f"2 {fmt} records" in capsys.readouterr().err
+        assert [r["vote_id"] for r in map(json.loads, out.read_text().splitlines())] == [v1.vote_id, v2.vote_id]
+        assert [r["responses"] for r in read_rankings(str(out), "auto")] == [["A1", "B1"], ["B2", "A2"]]
+    assert len(read_jsonl(tmp_path / "trl.jsonl", "preferences")) == 2
+
+
+def test_sqlite_is_durable_by_configuration(tmp_path):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'd' / 'feedback.db'}")  # parent directory created
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.close()
+
+
+def test_bad_url():
+    with pytest.raises(ValueError, match="feedback_db"):
+        FeedbackStore("feedback.db")

@@ -31,7 +31,7 @@ CLIENT = textwrap.dedent("""
     import sys
     import grpc
     from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
-    from rlhfkit.v1 import models_pb2, models_pb2_grpc
+    from rlhfkit.v1 import models_pb2, models_pb2_grpc, feedback_pb2, feedback_pb2_grpc
     assert generation_pb2.__file__.startswith(sys.argv[2]), generation_pb2.__file__
 
     ch = grpc.insecure_channel(sys.argv[1])
@@ -53,6 +53,20 @@ CLIENT = textwrap.dedent("""
         raise SystemExit("bad top_p accepted")
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    fb = feedback_pb2_grpc.FeedbackStub(ch)
+    comp = fb.CreateComparison(feedback_pb2.CreateComparisonRequest(
+        prompt="the cat", samples_of="policy",
+        sampling=generation_pb2.SamplingParams(temperature=1.0, max_new_tokens=3)), timeout=60)
+    vote = fb.SubmitVote(feedback_pb2.SubmitVoteRequest(comparison_id=comp.comparison_id,
+                                                        choice=feedback_pb2.CHOICE_LEFT, annotator_id="a"), timeout=60)
+    assert vote.left_model == vote.right_model == "policy"
+    assert fb.GetLeaderboard(feedback_pb2.GetLeaderboardRequest(), timeout=60).num_votes == 1
+    try:
+        fb.SubmitVote(feedback_pb2.SubmitVoteRequest(comparison_id=comp.comparison_id,
+                                                     choice=feedback_pb2.CHOICE_RIGHT, annotator_id="a"), timeout=60)
+        raise SystemExit("changed vote accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS, e
     print("every RPC answered")
 """)
 
@@ -65,7 +79,7 @@ def test_client_from_protos_alone(tmp_path, tiny_policy_dir, tiny_reward_dir):
     # grpc and protobuf come from site-packages put on the path explicitly.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stubs)] + site.getsitepackages()))
     srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), reward=str(tiny_reward_dir), port=0,
-                                   device="cpu")).wait_loaded()
+                                   device="cpu", feedback_db=f"sqlite:///{tmp_path / 'feedback.db'}")).wait_loaded()
     try:
         out = subprocess.run([sys.executable, "-S", "-c", CLIENT, srv.address, str(stubs)], env=env,
                              capture_output=True, text=True, timeout=120)

@@ -102,17 +102,22 @@ def rlhfkit_impl(function):
 
 
 def liger_impl(function):
-    """Liger-Kernel as a peer: its cross-entropy gives -logp per token (reduction='none');
-    its fused-linear cross-entropy a summed loss. None where it has no counterpart."""
+    """Liger-Kernel as a peer, through its nn.Modules (stable keyword arguments across versions).
+
+    Cross-entropy with reduction="none" is -logp per token; it has no temperature argument, so it
+    runs at T = 1 (dividing the logits first would add a copy it does not need). The fused-linear
+    cross-entropy returns a summed loss; T is applied by scaling the hidden states. None where
+    Liger has no counterpart or is not installed (the peer is then skipped)."""
     try:
-        from liger_kernel.transformers.functional import liger_cross_entropy, liger_fused_linear_cross_entropy
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
     except ImportError:
         return None
     if function == "logprobs":
-        return lambda logits, labels: -liger_cross_entropy(logits / TEMPERATURE, labels, reduction="none")
+        ce = LigerCrossEntropyLoss(reduction="none")
+        return lambda logits, labels: -ce(logits, labels)
     if function == "fused_linear":
-        return lambda hidden, weight, labels: liger_fused_linear_cross_entropy(
-            hidden, weight, labels, reduction="sum", temperature=TEMPERATURE)
+        flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        return lambda hidden, weight, labels: flce(weight, hidden / TEMPERATURE, labels)
     return None
 
 

@@ -45,6 +45,7 @@ class FusedLinearLogProbsFunction(torch.autograd.Function):
             logp[rows], lse[rows], entropy[rows] = rows_forward(
                 logits, labels[rows], temperature, ignore_index, with_entropy, backend
             )
+            del logits  # else the next chunk's logits are made while these still exist
         ctx.save_for_backward(hidden, weight, labels, kept, lse, entropy)
         ctx.args = (temperature, ignore_index, with_entropy, chunk_rows, backend)
         if not with_entropy:
@@ -73,6 +74,7 @@ class FusedLinearLogProbsFunction(torch.autograd.Function):
                 grad_hidden[rows] = grad_logits @ weight
             if want_weight:
                 grad_weight.addmm_(grad_logits.T, hidden_rows)
+            del logits, grad_logits  # one chunk's logits at a time, as in the forward
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

@@ -11,6 +11,7 @@ from rlhfkit.clients import Client
 from rlhfkit.server.app import ServeConfig, ServerThread
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.v1 import feedback_pb2
+from test_feedback_store import postgres_schema
 
 GREEDY = dict(max_new_tokens=6, ignore_eos=True)
 
@@ -149,3 +150,21 @@ def test_votes_are_in_the_store(server, client):
     row = rows[vote.vote_id]
     assert (row["choice"], row["annotator_id"], row["rationale"], row["prompt"]) == ("both_bad", "dana", "neither", "the dog")
     assert (row["left_response"], row["right_response"]) == (c.left, c.right)
+
+
+def test_two_replicas_share_a_postgres_store(tiny_policy_dir):
+    """Two servers on one PostgreSQL store: a comparison made on one is voted on the other,
+    the second vote (through the first) conflicts, and both leaderboards count the vote."""
+    with postgres_schema() as url:
+        replicas = [ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu",
+                                             feedback_db=url)).wait_loaded() for _ in range(2)]
+        try:
+            with Client(replicas[0].address, timeout=60) as a, Client(replicas[1].address, timeout=60) as b:
+                comp = a.create_comparison("the cat", samples_of="policy", temperature=1.0, max_new_tokens=3)
+                assert b.submit_vote(comp.comparison_id, "right", "erin").right_model == "policy"
+                code, _ = status_of(lambda: a.submit_vote(comp.comparison_id, "left", "erin"))
+                assert code == grpc.StatusCode.ALREADY_EXISTS
+                assert a.leaderboard(bootstrap_rounds=1).num_votes == b.leaderboard(bootstrap_rounds=1).num_votes == 1
+        finally:
+            for r in replicas:
+                r.stop()

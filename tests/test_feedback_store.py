@@ -1,6 +1,7 @@
 """The feedback store, one suite on both backends: SQLite (embedded) and PostgreSQL
 (RLHFKIT_TEST_POSTGRES_URL; each run gets its own schema, dropped afterwards)."""
 
+import contextlib
 import json
 import os
 import threading
@@ -18,11 +19,9 @@ from rlhfkit.training.rm import read_rankings
 PG_URL = os.environ.get("RLHFKIT_TEST_POSTGRES_URL")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'feedback.db'}"
-        return
+@contextlib.contextmanager
+def postgres_schema():
+    """A URL into a fresh schema of the test database (dropped on exit), or a skip."""
     if not PG_URL:
         pytest.skip("RLHFKIT_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
     schema = f"rlhfkit_test_{uuid.uuid4().hex[:12]}"
@@ -33,10 +32,21 @@ def url(request, tmp_path):
     except sa.exc.OperationalError as e:
         pytest.skip(f"PostgreSQL at {PG_URL} is unreachable: {e.orig}")
     sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    with postgres_schema() as pg:
+        yield pg
 
 
 @pytest.fixture

@@ -22,10 +22,13 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_policy_dir):
+def server(tmp_path_factory, tiny_policy_dir, tiny_tokenizer):
+    from rlhfkit.training.tiny import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "other", "policy", tiny_tokenizer, seed=5)
     db = tmp_path_factory.mktemp("fb") / "feedback.db"
-    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, metrics_port=0, device="cpu",
-                                   feedback_db=f"sqlite:///{db}")).wait_loaded()
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), reference=str(other), port=0, metrics_port=0,
+                                   device="cpu", feedback_db=f"sqlite:///{db}")).wait_loaded()
     srv.db = db
     srv.http = f"http://127.0.0.1:{srv.server.metrics_port}"
     yield srv
@@ -45,6 +48,11 @@ def browser(tmp_path_factory):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
     driver.quit()
+
+
+def post(server, path, body):
+    req = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), method="POST")
+    return json.loads(urllib.request.urlopen(req).read())
 
 
 def test_json_api_errors_name_the_field(server):
@@ -70,7 +78,8 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     prompt.send_keys("the cat")
     browser.find_element(By.ID, "compare").click()
     wait.until(lambda b: b.find_element(By.ID, "battle").is_displayed() and b.find_element(By.ID, "left").text)
-    left, right = browser.find_element(By.ID, "left").text, browser.find_element(By.ID, "right").text
+    # textContent, not .text: WebDriver's .text normalises whitespace, the store keeps it exact.
+    left, right = (browser.find_element(By.ID, side).get_attribute("textContent") for side in ("left", "right"))
     assert browser.find_element(By.ID, "left-model").text == ""  # anonymous until the vote
     browser.find_element(By.ID, "vote-left").click()
     wait.until(lambda b: b.find_element(By.ID, "reveal").is_displayed())
@@ -94,7 +103,16 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     assert (rows[0]["left_response"], rows[0]["right_response"]) == (left, right)
     assert rows[0]["vote_id"] in reveal
 
+    # Both votes were between two samples of one model: no battles yet. One battle through the
+    # JSON API: the left model wins and tops the leaderboard page.
+    comp = post(server, "/api/comparisons", {"prompt": "the dog", "models": {"modelA": "policy", "modelB": "reference"},
+                                             "sampling": {"maxNewTokens": 3}})
+    winner = post(server, "/api/votes", {"comparisonId": comp["comparison_id"], "choice": "CHOICE_LEFT",
+                                         "annotatorId": "api"})["left_model"]
     browser.get(server.http + "/leaderboard")
     wait.until(lambda b: "votes" in b.find_element(By.ID, "summary").text)
-    # Both votes were between two samples of one model: votes, but no battles.
-    assert browser.find_element(By.ID, "summary").text == "0 battles from 2 votes."
+    assert browser.find_element(By.ID, "summary").text == "1 battle from 3 votes."
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#ratings tbody tr")]
+    assert [r[:2] for r in rows] == [["1", winner], ["2", ({"policy", "reference"} - {winner}).pop()]]
+    assert [r[5:] for r in rows] == [["1", "1", "0", "0", "0"], ["1", "0", "1", "0", "0"]]

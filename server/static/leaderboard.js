@@ -12,7 +12,9 @@ async function load() {
     document.getElementById("summary").textContent = `${board.code}: ${board.error}`;
     return;
   }
-  document.getElementById("summary").textContent = `${board.num_battles} battles from ${board.num_votes} votes.`;
+  const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  document.getElementById("summary").textContent =
+    `${plural(board.num_battles, "battle")} from ${plural(board.num_votes, "vote")}.`;
   const body = document.querySelector("#ratings tbody");
   board.ratings.forEach((r, i) => cells(body.insertRow(), [i + 1, r.model, fmt(r.bradley_terry),
     `${fmt(r.bradley_terry_lower)} – ${fmt(r.bradley_terry_upper)}`, fmt(r.elo), r.battles, r.wins, r.losses,

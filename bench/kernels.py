@@ -19,7 +19,8 @@ compile on a small machine). Each (function, implementation, mode, size) runs in
 subprocess for memory: that process's peak resident set size (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist) after the call minus its resident size then, i.e. everything the call itself
 allocated at its high-water mark as the OS saw it (a tiny call first loads code and thread
-pools; inputs are filled in place so that making them leaves no higher peak behind). For
+pools; inputs are filled in place so that making them leaves no higher peak behind; glibc's
+mmap threshold is pinned at 1 MiB so that freed buffers leave RSS at once). For
 fwd+bwd this includes the input gradients, which both implementations must produce.
 Time: median of --repeats calls after one warm-up, naive and rlhfkit alternating call by call
 in one process, so that load from other processes on a shared machine hits both alike.
@@ -150,6 +151,12 @@ def rss_bytes(field="VmRSS"):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+# glibc serves buffers >= 1 MiB with mmap and unmaps them on free, instead of raising that
+# threshold as it goes and keeping freed buffers in its heap: RSS then follows live tensors,
+# not the allocator's caching (which otherwise adds chunk-sized noise to either side).
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def cpu_memory_case(case):
     """Runs in a fresh process: the peak RSS increase of one call."""
     torch.set_num_threads(case["threads"])
@@ -200,7 +207,7 @@ def run_cpu(args):
                     case = {"function": function, "impl": impl, "mode": mode, "n_rows": n_rows,
                             "vocab": args.vocab, "dtype": args.dtype, "threads": args.threads}
                     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)],
-                                         capture_output=True, text=True, check=True)
+                                         capture_output=True, text=True, check=True, env=CHILD_ENV)
                     result = {**case, **json.loads(out.stdout.strip().splitlines()[-1]),
                               "median_s": statistics.median(times[impl]), "times_s": times[impl]}
                     results.append(result)
@@ -351,7 +358,8 @@ def main(argv=None):
                     "cpu_count": os.cpu_count(),
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "temperature": TEMPERATURE,
-        "memory_measure": ("peak RSS (VmHWM) increase of a fresh process over its RSS with the inputs made"
+        "memory_measure": (("peak RSS (VmHWM) increase of a fresh process over its RSS with the inputs made; "
+                           "MALLOC_MMAP_THRESHOLD_=1MiB so RSS follows live buffers")
                            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus memory before the call"),
         "time_measure": f"median of {args.repeats} calls after one warm-up",
         "results": results,

@@ -60,7 +60,7 @@ class FusedLinearLogProbsFunction(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         # Accumulated in the weight's dtype across chunks, as Liger does (a float32 buffer
         # would add V x H x 4 bytes, the size this function exists to avoid).
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = None
         grad_logp, grad_entropy = grad_logp.float(), grad_entropy.float()
         for start in range(0, kept.shape[0], chunk_rows):
             rows = kept[start:start + chunk_rows]
@@ -72,9 +72,13 @@ class FusedLinearLogProbsFunction(torch.autograd.Function):
             )
             if want_hidden:
                 grad_hidden[rows] = grad_logits @ weight
-            if want_weight:
+            if want_weight and grad_weight is None:  # the first chunk: no zeros to add into
+                grad_weight = grad_logits.T @ hidden_rows
+            elif want_weight:
                 grad_weight.addmm_(grad_logits.T, hidden_rows)
             del logits, grad_logits  # one chunk's logits at a time, as in the forward
+        if want_weight and grad_weight is None:  # every row ignored
+            grad_weight = torch.zeros_like(weight)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

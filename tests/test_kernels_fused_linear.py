@@ -107,3 +107,15 @@ def test_bad_shapes():
         fused_linear_logprobs(torch.zeros(3, 4), torch.zeros(10, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="weight"):
         fused_linear_logprobs(torch.zeros(3, 4), torch.zeros(10, 5), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(33, 8, requires_grad=True)
+    labels = torch.full((4,), IGNORE)
+    with use_backend(backend):
+        logp, entropy = fused_linear_logprobs(hidden, weight, labels, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.all(logp == 0) and torch.all(entropy == 0)
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)

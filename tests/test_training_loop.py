@@ -40,3 +40,21 @@ def test_loop_in_miniature(tmp_path):
         expected += task.utility(p, tok.decode(out, skip_special_tokens=True))
     assert abs(gold_utility(sft, prompts) - expected / len(prompts)) < 1e-9
     assert abs(report["stages"]["sft"]["gold_greedy"] - expected / len(prompts)) < 1e-9
+
+
+def test_label_ranks_the_policys_own_samples(tmp_path):
+    from rlhfkit.training.data import write_jsonl
+    from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(300))
+    policy = make_tiny_checkpoint(tmp_path / "policy", tokenizer=tokenizer, hidden_size=32, num_layers=1)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(6, seed=4))
+    out = tmp_path / "rankings.jsonl"
+    assert train_main(["label", "--policy", str(policy), "--prompts-file", str(prompts), "--output-file", str(out),
+                       "--k", "3", "--max-new-tokens", "4", "--annotator-temperature", "0", "--device", "cpu"]) == 0
+    records = read_jsonl(out, "rankings")
+    assert len(records) == 6  # a random policy never repeats itself over 4 tokens
+    for r in records:
+        assert len(set(r["responses"])) == len(r["responses"]) == 3
+        u = [task.utility(r["prompt"], x) for x in r["responses"]]
+        assert u == sorted(u, reverse=True)  # a noiseless annotator ranks by utility

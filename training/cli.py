@@ -19,6 +19,7 @@ STAGES = {
     "rm": ("rlhfkit.training.rm", "RMConfig", "train_rm"),
     "dpo": ("rlhfkit.training.dpo", "DPOConfig", "train_dpo"),
     "ppo": ("rlhfkit.training.ppo", "PPOConfig", "train_ppo"),
+    "label": ("rlhfkit.training.loop", "LabelConfig", "label_policy_samples"),
     "loop": ("rlhfkit.training.loop", "LoopConfig", "run_loop"),
 }
 

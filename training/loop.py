@@ -139,3 +139,54 @@ def run_loop(config: LoopConfig) -> dict:
 
     (work / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return {name: {k: v for k, v in stage.items() if k != "metrics"} for name, stage in report["stages"].items()}
+
+
+@dataclass
+class LabelConfig:
+    """Sample K responses per prompt from a policy and have the bundled task's annotators rank them."""
+
+    policy: str = field(metadata={"help": "policy checkpoint to sample from (usually the SFT one)"})
+    prompts_file: str = field(metadata={"help": "prompts JSONL of the bundled task"})
+    output_file: str = field(metadata={"help": "rankings JSONL to write, {prompt, responses: [best, ..., worst]}"})
+    k: int = field(default=4, metadata={"help": "responses per prompt (InstructGPT: 4 to 9)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
+    annotator_temperature: float = field(default=0.1, metadata={"help": "annotator noise (0: noiseless)"})
+    seed: int = field(default=0, metadata={"help": "seed of the samples and the annotators"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 to rank, got {self.k}")
+
+
+@torch.no_grad()
+def label_policy_samples(config: LabelConfig) -> dict:
+    """The InstructGPT labeling step: rankings of the policy's own samples, so the reward
+    model learns on the distribution PPO will visit. Duplicate samples are merged; prompts
+    left with one distinct response are skipped."""
+    import random
+
+    from .data import write_jsonl
+
+    device = pick_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(config.policy)
+    policy = AutoModelForCausalLM.from_pretrained(config.policy, dtype=torch.float32).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]
+    records = []
+    for chunk in batched(prompts, max(1, 64 // config.k)):
+        repeated = [p for p in chunk for _ in range(config.k)]
+        _, _, responses = generate(policy, [encode(tokenizer, p) for p in repeated], config.max_new_tokens,
+                                   config.temperature, eos_id, pad_id, generator, device)
+        texts = decode_responses(tokenizer, responses, response_mask_of(responses, eos_id), eos_id)
+        for i, prompt in enumerate(chunk):
+            distinct = list(dict.fromkeys(texts[i * config.k:(i + 1) * config.k]))
+            if len(distinct) >= 2:
+                ranking = task.annotator_ranking(prompt, distinct, rng, config.annotator_temperature)
+                records.append({"prompt": prompt, "responses": ranking})
+    write_jsonl(config.output_file, records)
+    return {"rankings": len(records), "skipped": len(prompts) - len(records), "output_file": config.output_file}

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from . import task
 from .checkpoint import publish_checkpoint, read_info
 from .common import MetricsLog, batched, default_log_dir, encode, pad_right, pick_device, seed_everything, warmup_cosine
 from .data import fingerprint_files, read_jsonl
@@ -213,8 +214,6 @@ def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_mod
 def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device) -> dict:
     """Mean RM score of sampled responses to held-out prompts (seeded: comparable across
     evals), and the bundled task's gold utility when the prompts are the task's."""
-    from . import task
-
     generator = torch.Generator(device=device).manual_seed(config.seed + 12345)
     scores, utilities = [], []
     eos_id = tokenizer.eos_token_id

@@ -2,6 +2,7 @@
 drawn at random, identities revealed by the vote, every bad input's status, metrics."""
 
 import re
+import urllib.error
 import urllib.request
 
 import grpc
@@ -168,3 +169,35 @@ def test_two_replicas_share_a_postgres_store(tiny_policy_dir):
         finally:
             for r in replicas:
                 r.stop()
+
+
+def test_cli_leaderboard(server, client, capsys):
+    from rlhfkit.clients.cli import main as cli_main
+
+    assert cli_main(["feedback", "leaderboard", "--address", server.address, "--bootstrap-rounds", "10"]) == 0
+    out = capsys.readouterr().out
+    board = client.leaderboard(bootstrap_rounds=10)
+    assert out.splitlines()[0] == f"{board.num_battles} battles ({board.num_votes} votes)"
+    assert [line.split()[0] for line in out.splitlines()[2:]] == [r.model for r in board.ratings]
+
+
+def test_labeling_page_draws_from_the_prompts_file(tmp_path, tiny_policy_dir):
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "only this one"}\n')
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, metrics_port=0, device="cpu",
+                                   feedback_db=f"sqlite:///{tmp_path / 'fb.db'}",
+                                   feedback_prompts=str(prompts))).wait_loaded()
+    try:
+        base = f"http://127.0.0.1:{srv.server.metrics_port}"
+        assert json.loads(urllib.request.urlopen(base + "/api/prompt").read()) == {"prompt": "only this one"}
+        assert json.loads(urllib.request.urlopen(base + "/api/models").read())["models"] == ["policy"]
+        page = urllib.request.urlopen(base + "/").read().decode()
+        assert 'id="vote-both-bad"' in page and "/static/label.js" in page
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/static/../feedback.py")
+        assert e.value.code == 404
+    finally:
+        srv.stop()
+    assert not (tmp_path / "fb.db").exists()  # no comparison, no file

@@ -320,6 +320,11 @@ def ratios(results):
             entry = {"function": function, "mode": mode, "n_rows": n_rows, "vocab": vocab,
                      "time_ratio": r["median_s"] / naive["median_s"],
                      "memory_ratio": r["peak_extra_mb"] / max(naive["peak_extra_mb"], 1e-9)}
+            for peer in ("compiled", "liger"):
+                other = by_key.get((function, mode, n_rows, vocab, peer))
+                if other:
+                    entry[f"time_vs_{peer}"] = r["median_s"] / other["median_s"]
+                    entry[f"memory_vs_{peer}"] = r["peak_extra_mb"] / max(other["peak_extra_mb"], 1e-9)
             if r.get("input_grads_mb"):  # the gradients both must return, e.g. [N, V] for logits
                 grads = r["input_grads_mb"]
                 entry["memory_ratio_beyond_input_grads"] = (

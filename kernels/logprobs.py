@@ -46,12 +46,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _logprobs_fwd_kernel(
-        logits_ptr, logits_row_stride, labels_ptr, logp_ptr, lse_ptr, entropy_ptr,
+        logits_ptr, seq_len, stride_batch, stride_seq, labels_ptr, logp_ptr, lse_ptr, entropy_ptr,
         n_cols, inv_temperature, ignore_index,
         WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * logits_row_stride
+        # Row r of [B, T, V] logits with any batch / sequence strides (e.g. logits[:, :-1]).
+        row_ptr = logits_ptr + (row // seq_len) * stride_batch + (row % seq_len) * stride_seq
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
         n_read = tl.where(keep, n_cols, 0)  # an ignored row reads nothing: no memory traffic
@@ -84,14 +85,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _logprobs_bwd_kernel(
-        logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, entropy_ptr,
+        logits_ptr, seq_len, stride_batch, stride_seq, grad_ptr, grad_row_stride, labels_ptr, lse_ptr, entropy_ptr,
         grad_logp_ptr, grad_entropy_ptr, n_cols, inv_temperature, ignore_index,
         WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         # grad_ptr may alias logits_ptr (the fused-linear path overwrites its logits chunk):
         # each element is read before it is written, by the same program.
         row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * logits_row_stride
+        row_ptr = logits_ptr + (row // seq_len) * stride_batch + (row % seq_len) * stride_seq
         grad_row_ptr = grad_ptr + row * grad_row_stride
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
@@ -116,33 +117,33 @@ if HAS_TRITON:
 
 
 def _triton_forward(logits, labels, temperature, ignore_index, with_entropy):
-    n_rows, n_cols = logits.shape
-    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    batch, seq_len, n_cols = logits.shape
+    logp = torch.empty(batch * seq_len, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
-    if n_rows == 0:
+    if logp.numel() == 0:
         return logp, lse, entropy
     block = block_v(n_cols, logits.device)
-    _logprobs_fwd_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, logp, lse, entropy, n_cols, 1.0 / temperature, ignore_index,
+    _logprobs_fwd_kernel[(logp.numel(),)](
+        logits, seq_len, logits.stride(0), logits.stride(1), labels, logp, lse, entropy,
+        n_cols, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
     )
     return logp, lse, entropy
 
 
 def _triton_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-                     with_entropy, out=None):
-    n_rows, n_cols = logits.shape
-    grad = torch.empty_like(logits) if out is None else out
-    if n_rows == 0:
-        return grad
+                     with_entropy, out):
+    batch, seq_len, n_cols = logits.shape
+    if out.shape[0] == 0:
+        return out
     block = block_v(n_cols, logits.device)
-    _logprobs_bwd_kernel[(n_rows,)](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse, entropy,
+    _logprobs_bwd_kernel[(out.shape[0],)](
+        logits, seq_len, logits.stride(0), logits.stride(1), out, out.stride(0), labels, lse, entropy,
         grad_logp.contiguous(), grad_entropy.contiguous(), n_cols, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
     )
-    return grad
+    return out
 
 
 def _row_chunks(labels: torch.Tensor, ignore_index: int, n_cols: int):
@@ -165,7 +166,7 @@ def _float32_rows(logits, rows, inv_temperature):
     return z * inv_temperature if inv_temperature != 1.0 else z
 
 
-def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
+def _torch_forward_2d(logits, labels, temperature, ignore_index, with_entropy):
     # Few, large ops per chunk: on a busy CPU every parallel region can wait for a thread.
     # log_softmax is one fused pass on CPU (logsumexp is several); the PyTorch backward
     # recomputes softmax and needs no saved lse, so none is returned (zeros).
@@ -180,15 +181,15 @@ def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
     return logp, torch.zeros_like(logp), entropy
 
 
-def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-                    with_entropy, out=None):
+def _torch_backward_2d(logits, labels, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                       with_entropy, out):
     # d/dz [g_logp logp_y + g_H H] = g_logp onehot_y - p (g_logp + g_H H) + g_H entr(p),
     # using d H / d z = -p (log p + H) = entr(p) - p H; then / T for the logits.
     n_rows, n_cols = logits.shape
     inv_temperature = 1.0 / temperature
     # Kept rows are all written below; ignored rows are never read, so zeroing them first is
     # safe even when `out` is the logits tensor itself.
-    grad = torch.empty_like(logits) if out is None else out
+    grad = out
     grad[labels == ignore_index] = 0
     for rows in _row_chunks(labels, ignore_index, n_cols):
         z = _float32_rows(logits, rows, inv_temperature)
@@ -205,18 +206,54 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
     return grad
 
 
+def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
+    # One [T, V] view per batch index: no copy of sliced logits such as logits[:, :-1].
+    seq_len = logits.shape[1]
+    outputs = [torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device) for _ in range(3)]
+    for b in range(logits.shape[0]):
+        rows = slice(b * seq_len, (b + 1) * seq_len)
+        for output, value in zip(outputs, _torch_forward_2d(logits[b], labels[rows], temperature,
+                                                             ignore_index, with_entropy)):
+            output[rows] = value
+    return tuple(outputs)
+
+
+def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                    with_entropy, out):
+    seq_len = logits.shape[1]
+    for b in range(logits.shape[0]):
+        rows = slice(b * seq_len, (b + 1) * seq_len)
+        _torch_backward_2d(logits[b], labels[rows], entropy[rows], grad_logp[rows], grad_entropy[rows],
+                           temperature, ignore_index, with_entropy, out[rows])
+    return out
+
+
+def _as_3d(logits):
+    """[B, T, V] view (copy only if the leading dims cannot merge) with unit last stride."""
+    if logits.dim() <= 2:
+        logits = logits.reshape(1, -1, logits.shape[-1])
+    elif logits.dim() > 3:
+        logits = logits.flatten(0, -3)
+    return logits if logits.stride(-1) == 1 or logits.numel() == 0 else logits.contiguous()
+
+
 def rows_forward(logits, labels, temperature, ignore_index, with_entropy, backend):
-    """(logp, lse, entropy) per row of a 2-D logits tensor with unit stride in its last dim."""
+    """(logp, lse, entropy) per row of 2-D [N, V] or 3-D [B, T, V] logits with unit last stride;
+    labels flat [N] / [B * T]."""
     impl = _triton_forward if backend == "triton" else _torch_forward
-    return impl(logits, labels, float(temperature), int(ignore_index), bool(with_entropy))
+    return impl(_as_3d(logits), labels, float(temperature), int(ignore_index), bool(with_entropy))
 
 
 def rows_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
                   with_entropy, backend, out=None):
-    """Gradient w.r.t. the 2-D logits, in their dtype; `out` may be the logits themselves."""
+    """Gradient w.r.t. the logits as a contiguous [N, V] tensor in their dtype; `out` (2-D,
+    contiguous) may be the 2-D logits themselves."""
+    logits = _as_3d(logits)
+    if out is None:
+        out = torch.empty(labels.shape[0], logits.shape[-1], dtype=logits.dtype, device=logits.device)
     impl = _triton_backward if backend == "triton" else _torch_backward
     return impl(logits, labels, lse, entropy, grad_logp, grad_entropy, float(temperature),
-                int(ignore_index), bool(with_entropy), out=out)
+                int(ignore_index), bool(with_entropy), out)
 
 
 class LogProbsFunction(torch.autograd.Function):
@@ -235,7 +272,7 @@ class LogProbsFunction(torch.autograd.Function):
         temperature, ignore_index, with_entropy, backend = ctx.args
         grad = rows_backward(logits, labels, lse, entropy, grad_logp.float(), grad_entropy.float(),
                              temperature, ignore_index, with_entropy, backend)
-        return grad, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None
 
 
 def _check(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> None:
@@ -262,14 +299,12 @@ def logprobs_from_logits(
     """
     _check(logits, labels, temperature)
     lead_shape = labels.shape
-    logits2d = logits.reshape(-1, logits.shape[-1])
-    if logits2d.shape[0] and logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
+    logits3d = _as_3d(logits)  # a view for the usual [B, T, V] and [N, V], sliced or not
     labels1d = labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
     backend = resolve_backend(logits)
     if torch.is_grad_enabled() and logits.requires_grad:
-        logp, entropy = LogProbsFunction.apply(logits2d, labels1d, temperature, ignore_index, return_entropy, backend)
+        logp, entropy = LogProbsFunction.apply(logits3d, labels1d, temperature, ignore_index, return_entropy, backend)
     else:  # the server's decode step: no autograd bookkeeping
-        logp, _, entropy = rows_forward(logits2d, labels1d, temperature, ignore_index, return_entropy, backend)
+        logp, _, entropy = rows_forward(logits3d, labels1d, temperature, ignore_index, return_entropy, backend)
     logp = logp.reshape(lead_shape)
     return (logp, entropy.reshape(lead_shape)) if return_entropy else logp

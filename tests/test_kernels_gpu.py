@@ -33,13 +33,15 @@ COMPILE_SCRIPT = textwrap.dedent(
     for arch, dtype, flag in itertools.product((80, 90), ("bf16", "fp32"), (False, True)):
         compile_kernel(
             logprobs._logprobs_fwd_kernel,
-            {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", "labels_ptr": "*i64", "logp_ptr": "*fp32",
+            {"logits_ptr": "*" + dtype, "seq_len": "i32", "stride_batch": "i64", "stride_seq": "i32",
+             "labels_ptr": "*i64", "logp_ptr": "*fp32",
              "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "n_cols": "i32", "inv_temperature": "fp32",
              "ignore_index": "i32"},
             {"WITH_ENTROPY": flag, "BLOCK_V": 4096}, arch, 8)
         compile_kernel(
             logprobs._logprobs_bwd_kernel,
-            {"logits_ptr": "*" + dtype, "logits_row_stride": "i32", "grad_ptr": "*" + dtype,
+            {"logits_ptr": "*" + dtype, "seq_len": "i32", "stride_batch": "i32", "stride_seq": "i32",
+             "grad_ptr": "*" + dtype,
              "grad_row_stride": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
              "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "n_cols": "i32",
              "inv_temperature": "fp32", "ignore_index": "i32"},

@@ -169,3 +169,33 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="'triton'"):
         with use_backend("cuda"):
             pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_batch_logits_are_read_in_place(backend, monkeypatch):
+    # logits[:, :-1] (drop the last position, as LM losses do) is not viewable as [N, V]; both
+    # paths read it through its strides instead of copying it first.
+    logits, labels = draw((3, 8), 1031, torch.bfloat16, masked=True, n_ignored=3)
+    x = logits.clone().requires_grad_()
+    sliced, sliced_labels = x[:, :-1], labels[:, :-1]
+    shares_storage = []
+    original_as_3d = logprobs_module._as_3d
+
+    def recording_as_3d(t):
+        out = original_as_3d(t)
+        shares_storage.append(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(logprobs_module, "_as_3d", recording_as_3d)
+    with use_backend(backend):
+        logp, entropy = logprobs_from_logits(sliced, sliced_labels, temperature=0.8, return_entropy=True)
+    assert shares_storage and all(shares_storage), "the sliced logits were copied"
+    g1, g2 = torch.randn(logp.shape), torch.randn(logp.shape)
+    torch.autograd.backward([logp, entropy], [g1, g2])
+    x64 = logits.double().requires_grad_()
+    ref_logp, ref_entropy = reference(x64[:, :-1], sliced_labels, 0.8)
+    torch.autograd.backward([ref_logp, ref_entropy], [g1.double(), g2.double()])
+    check(logp, ref_logp.detach(), 1e-5)
+    check(entropy, ref_entropy.detach(), 1e-5)
+    check(x.grad, x64.grad, grad_tolerance(torch.bfloat16))
+    assert torch.all(x.grad[:, -1] == 0)

@@ -1,15 +1,11 @@
 """The native generation engine: one thread runs a step loop over a batch of sequences.
 
 Each step, cancelled and finished sequences leave the batch, waiting requests join it
-(their prompts are prefilled together, then their KV caches are merged into the running
-batch's, left-padded to a common length), and every running sequence decodes one token
-with its own sampling parameters (rlhfkit.kernels.sample_tokens). Attention masks and
-explicit position ids keep each row's numbers what they would be alone, so mixed
-prompt lengths do not change greedy results.
-
-The batch's KV cache is a Hugging Face DynamicCache; membership changes copy it
-(index_select / pad + cat). A paged cache that avoids those copies slots in behind
-`_Batch` without changing the scheduler or the request API.
+(their prompts are prefilled together, then their K/V move into free rows of the slot
+cache), and every running sequence decodes one token with its own sampling parameters
+(rlhfkit.kernels.sample_tokens). Attention masks and per-row position ids keep each row's
+numbers what they would be alone, so mixed prompt lengths do not change greedy results.
+The KV cache (server/kv_cache.py) never copies the whole batch when membership changes.
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhfkit.kernels import SamplingParams, SamplingParamsError, logprobs_from_logits, sample_tokens, sampling_tensors
+from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -85,64 +82,6 @@ class Request:
         return bool(self.sequences) and all(s.finish_reason for s in self.sequences)
 
 
-class _Batch:
-    """The running sequences with their KV cache, left-padded to a common length T:
-    mask [B, T] marks real positions, next_pos [B] is each row's next position id."""
-
-    def __init__(self):
-        self.seqs: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None
-        self.next_pos: torch.Tensor | None = None
-        self.sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def __len__(self):
-        return len(self.seqs)
-
-    def keep(self, rows: list[int]):
-        """Keep only these rows, then drop leading columns no row uses any more."""
-        if len(rows) == len(self.seqs):
-            return
-        self.seqs = [self.seqs[i] for i in rows]
-        if not rows:
-            self.cache = self.mask = self.next_pos = self.sampling = None
-            return
-        idx = torch.tensor(rows, device=self.mask.device)
-        self.mask = self.mask.index_select(0, idx)
-        self.next_pos = self.next_pos.index_select(0, idx)
-        self.sampling = tuple(t.index_select(0, idx) for t in self.sampling)
-        start = int(self.mask.any(dim=0).int().argmax())
-        self.mask = self.mask[:, start:]
-        self.cache = DynamicCache(
-            [(l.keys.index_select(0, idx)[:, :, start:], l.values.index_select(0, idx)[:, :, start:])
-             for l in self.cache.layers])
-
-    def merge(self, other: "_Batch"):
-        """Append other's rows, left-padding whichever cache is shorter."""
-        if not self.seqs:
-            self.__dict__.update(other.__dict__)
-            return
-        T, U = self.mask.shape[1], other.mask.shape[1]
-        L = max(T, U)
-
-        def lpad(x, n, dim):
-            if n == 0:
-                return x
-            shape = list(x.shape)
-            shape[dim] = n
-            return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-        layers = []
-        for a, b in zip(self.cache.layers, other.cache.layers):
-            layers.append((torch.cat([lpad(a.keys, L - T, 2), lpad(b.keys, L - U, 2)]),
-                           torch.cat([lpad(a.values, L - T, 2), lpad(b.values, L - U, 2)])))
-        self.cache = DynamicCache(layers)
-        self.mask = torch.cat([lpad(self.mask, L - T, 1), lpad(other.mask, L - U, 1)])
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.sampling = tuple(torch.cat([a, b]) for a, b in zip(self.sampling, other.sampling))
-        self.seqs += other.seqs
-
-
 class Engine:
     """Continuous-batching generation over one causal LM.
 
@@ -166,7 +105,9 @@ class Engine:
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(seed if seed is not None else torch.seed())
         self._waiting: collections.deque[Request] = collections.deque()
-        self._running = _Batch()
+        self._running: list[Sequence] = []  # row b of the cache is self._running[b]
+        self._cache: SlotKVCache | None = None
+        self._sampling = None  # per-row (temperature, top_k, top_p), rebuilt when rows change
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
@@ -261,78 +202,82 @@ class Engine:
                     self._step(admitted)
             except Exception:  # a bug must not kill the loop silently: fail the batch loudly
                 log.exception("engine step failed; aborting the running requests")
-                for seq in self._running.seqs + [s for r in admitted for s in r.sequences]:
+                for seq in self._running + [s for r in admitted for s in r.sequences]:
                     if not seq.finish_reason:
                         seq.finish_reason = FINISH_ABORT
                         seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "engine error")])
-                self._running = _Batch()
+                self._running, self._cache, self._sampling = [], None, None
             self._update_gauges()
-        for seq in self._running.seqs:
+        for seq in self._running:
             seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "shutdown")])
 
     def _update_gauges(self):
         if self.metrics:
-            self.metrics.num_requests_running.set(len({id(s.request) for s in self._running.seqs}))
+            self.metrics.num_requests_running.set(len({id(s.request) for s in self._running}))
             self.metrics.num_requests_waiting.set(len(self._waiting))
 
     def _step(self, admitted: list[Request]):
-        batch = self._running
         # Cancelled requests leave before any compute is spent on them.
-        batch.keep([i for i, s in enumerate(batch.seqs) if not s.request.cancelled])
-        now = time.monotonic()
+        self._remove([i for i, s in enumerate(self._running) if s.request.cancelled])
         if admitted:
             if self.metrics:
+                now = time.monotonic()
                 for req in admitted:
                     self.metrics.request_queue_time.observe(now - req.arrival_time)
                     self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            new = self._prefill(admitted)
-            batch.merge(new)
-        elif len(batch):
-            logits = self._decode(batch)
-            self._append_tokens(batch, logits)
-        batch.keep([i for i, s in enumerate(batch.seqs) if not s.finish_reason])
+            self._prefill(admitted)
+        elif self._running:
+            self._decode()
+        self._remove([i for i, s in enumerate(self._running) if s.finish_reason])
 
-    def _prefill(self, requests: list[Request]) -> _Batch:
-        """Run the new prompts (left-padded together) and sample their first tokens."""
+    def _remove(self, rows: list[int]):
+        if rows:
+            self._cache.remove_rows(rows)
+            swap_remove(self._running, rows)
+            self._sampling = None
+
+    def _prefill(self, requests: list[Request]):
+        """Run the new prompts (left-padded together), sample their first tokens, and give
+        them rows of the cache."""
         seqs = [s for r in requests for s in r.sequences]
-        L = max(len(s.request.prompt_ids) for s in seqs)
+        lens = [len(s.request.prompt_ids) for s in seqs]
+        L = max(lens)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(seqs), L), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for i, s in enumerate(seqs):
-            p = s.request.prompt_ids
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
+            ids[i, L - lens[i]:] = torch.tensor(s.request.prompt_ids)
+            mask[i, L - lens[i]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
                          use_cache=True, logits_to_keep=1)
-        new = _Batch()
-        new.seqs, new.cache, new.mask = seqs, out.past_key_values, mask
-        new.next_pos = mask.sum(-1)
-        new.sampling = sampling_tensors([s.request.params for s in seqs], self.device)
-        self._append_tokens(new, out.logits[:, -1])
-        return new
+        self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device),
+                            out.logits[:, -1])
+        if self._cache is None:
+            self._cache = SlotKVCache(len(out.past_key_values.layers))
+        self._cache.add_rows(out.past_key_values, lens)
+        self._running += seqs
+        self._sampling = None
 
-    def _decode(self, batch: _Batch) -> torch.Tensor:
-        last = torch.tensor([s.token_ids[-1] for s in batch.seqs], device=self.device).unsqueeze(-1)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
-        out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos.unsqueeze(-1),
-                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
-        batch.cache = out.past_key_values
-        batch.next_pos = batch.next_pos + 1
-        return out.logits[:, -1]
+    def _decode(self):
+        last = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device).unsqueeze(-1)
+        mask, positions, cache_position = self._cache.begin_decode()
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache_position=cache_position,
+                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache.end_decode()
+        if self._sampling is None:
+            self._sampling = sampling_tensors([s.request.params for s in self._running], self.device)
+        self._append_tokens(self._running, self._sampling, out.logits[:, -1])
 
-    def _append_tokens(self, batch: _Batch, logits: torch.Tensor):
+    def _append_tokens(self, seqs: list[Sequence], sampling, logits: torch.Tensor):
         """Sample one token per row, record it, detokenize, check stop conditions, emit."""
         logits = logits.float()
-        temperature, top_k, top_p = batch.sampling
-        tokens = sample_tokens(logits, temperature, top_k, top_p,
-                               [s.generator for s in batch.seqs], self.default_generator)
+        temperature, top_k, top_p = sampling
+        tokens = sample_tokens(logits, temperature, top_k, top_p, [s.generator for s in seqs], self.default_generator)
         # The same kernel training and Reward.LogProbs use, so rollout numbers match theirs.
         chosen = logprobs_from_logits(logits, tokens).tolist()
-        want_top = max(s.request.params.logprobs for s in batch.seqs)
+        want_top = max(s.request.params.logprobs for s in seqs)
         if want_top:
             top_v, top_i = logits.topk(want_top, dim=-1)
             top_v = (top_v - logits.logsumexp(dim=-1, keepdim=True)).tolist()
@@ -340,7 +285,7 @@ class Engine:
         tokens = tokens.tolist()
         now = time.monotonic()
         outputs: dict[Request, list[SequenceOutput]] = {}
-        for row, seq in enumerate(batch.seqs):
+        for row, seq in enumerate(seqs):
             req, params = seq.request, seq.request.params
             tok = tokens[row]
             seq.token_ids.append(tok)

@@ -171,6 +171,13 @@ def _torch_forward_2d(logits, labels, temperature, ignore_index, with_entropy):
     # log_softmax is one fused pass on CPU (logsumexp is several); the PyTorch backward
     # recomputes softmax and needs no saved lse, so none is returned (zeros).
     n_rows, n_cols = logits.shape
+    if n_rows * n_cols <= TORCH_CHUNK_ELEMENTS:  # one chunk, e.g. a decode step: no bookkeeping
+        keep = labels != ignore_index
+        logp_all = torch.log_softmax(_float32_rows(logits, slice(None), 1.0 / temperature), dim=-1)
+        logp = logp_all.gather(1, torch.where(keep, labels, 0).unsqueeze(1)).squeeze(1).masked_fill_(~keep, 0.0)
+        entropy = (torch.special.entr(logp_all.exp_()).sum(-1).masked_fill_(~keep, 0.0) if with_entropy
+                   else torch.zeros_like(logp))
+        return logp, torch.zeros_like(logp), entropy
     logp = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.zeros_like(logp)
     for rows in _row_chunks(labels, ignore_index, n_cols):
@@ -209,6 +216,8 @@ def _torch_backward_2d(logits, labels, entropy, grad_logp, grad_entropy, tempera
 def _torch_forward(logits, labels, temperature, ignore_index, with_entropy):
     # One [T, V] view per batch index: no copy of sliced logits such as logits[:, :-1].
     seq_len = logits.shape[1]
+    if logits.shape[0] == 1:
+        return _torch_forward_2d(logits[0], labels, temperature, ignore_index, with_entropy)
     outputs = [torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device) for _ in range(3)]
     for b in range(logits.shape[0]):
         rows = slice(b * seq_len, (b + 1) * seq_len)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.kernels.backend import HAS_TRITON, resolve_backend
-from rlhfkit.kernels.logprobs import block_v, num_warps_for
+from rlhfkit.kernels.logprobs import as_3d, block_v, num_warps_for
 
 if HAS_TRITON:
     import triton
@@ -51,12 +51,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _full_kl_fwd_kernel(
-        p_ptr, p_row_stride, q_ptr, q_row_stride, kl_ptr, lse_p_ptr, lse_q_ptr, mean_d_ptr,
-        n_cols, inv_temperature, BLOCK_V: tl.constexpr,
+        p_ptr, p_stride_batch, p_stride_seq, q_ptr, q_stride_batch, q_stride_seq, seq_len,
+        kl_ptr, lse_p_ptr, lse_q_ptr, mean_d_ptr, n_cols, inv_temperature, BLOCK_V: tl.constexpr,
     ):
         # Maxima and differences are taken on the raw logits and scaled by 1/T afterwards:
         # x - m and xp - xq are (near) exact in float32, so a small KL keeps its precision.
         row = tl.program_id(0).to(tl.int64)
+        # Row r of [B, T, V] logits with any batch / sequence strides (e.g. logits[:, :-1]).
+        p_row_ptr = p_ptr + (row // seq_len) * p_stride_batch + (row % seq_len) * p_stride_seq
+        q_row_ptr = q_ptr + (row // seq_len) * q_stride_batch + (row % seq_len) * q_stride_seq
         m_p = float("-inf")  # running max of the raw logits
         s_p = 0.0  # sum exp((xp - m_p) / T)
         sum_d = 0.0  # sum exp((xp - m_p) / T) * (xp - xq)
@@ -65,8 +68,8 @@ if HAS_TRITON:
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < n_cols
-            xp = tl.load(p_ptr + row * p_row_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            xq = tl.load(q_ptr + row * q_row_stride + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            xp = tl.load(p_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            xq = tl.load(q_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             # -inf maxima (masked vocabulary so far) shift by 0 instead of -inf.
             m_p_new = tl.maximum(m_p, tl.max(xp, 0))
             m_p_safe = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
@@ -90,11 +93,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _full_kl_bwd_kernel(
-        p_ptr, p_row_stride, q_ptr, q_row_stride, grad_p_ptr, grad_q_ptr, lse_p_ptr, lse_q_ptr,
-        mean_d_ptr, grad_kl_ptr, n_cols, inv_temperature,
+        p_ptr, p_stride_batch, p_stride_seq, q_ptr, q_stride_batch, q_stride_seq, seq_len,
+        grad_p_ptr, grad_q_ptr, lse_p_ptr, lse_q_ptr, mean_d_ptr, grad_kl_ptr, n_cols, inv_temperature,
         WITH_REF_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
+        p_row_ptr = p_ptr + (row // seq_len) * p_stride_batch + (row % seq_len) * p_stride_seq
+        q_row_ptr = q_ptr + (row // seq_len) * q_stride_batch + (row % seq_len) * q_stride_seq
         lse_p = tl.load(lse_p_ptr + row)
         lse_q = tl.load(lse_q_ptr + row)
         mean_d = tl.load(mean_d_ptr + row)
@@ -102,8 +107,8 @@ if HAS_TRITON:
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < n_cols
-            zp = tl.load(p_ptr + row * p_row_stride + cols, mask=in_row, other=float("-inf"))
-            zq = tl.load(q_ptr + row * q_row_stride + cols, mask=in_row, other=float("-inf"))
+            zp = tl.load(p_row_ptr + cols, mask=in_row, other=float("-inf"))
+            zq = tl.load(q_row_ptr + cols, mask=in_row, other=float("-inf"))
             zp = zp.to(tl.float32)
             zq = zq.to(tl.float32)
             p = tl.exp(zp * inv_temperature - lse_p)
@@ -115,27 +120,34 @@ if HAS_TRITON:
                 tl.store(grad_q_ptr + row * n_cols + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=in_row)
 
 
+def _strides(logits, ref_logits):
+    return (logits, logits.stride(0), logits.stride(1), ref_logits, ref_logits.stride(0), ref_logits.stride(1),
+            logits.shape[1])
+
+
 def _triton_forward(logits, ref_logits, temperature):
-    n_rows, n_cols = logits.shape
+    batch, seq_len, n_cols = logits.shape
+    n_rows = batch * seq_len
     kl, lse_p, lse_q, mean_d = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(4))
     if n_rows:
         block = block_v(n_cols, logits.device)
         _full_kl_fwd_kernel[(n_rows,)](
-            logits, logits.stride(0), ref_logits, ref_logits.stride(0), kl, lse_p, lse_q, mean_d,
+            *_strides(logits, ref_logits), kl, lse_p, lse_q, mean_d,
             n_cols, 1.0 / temperature, BLOCK_V=block, num_warps=num_warps_for(block),
         )
     return kl, (lse_p, lse_q, mean_d)
 
 
 def _triton_backward(logits, ref_logits, stats, grad_kl, temperature, with_ref_grad):
-    n_rows, n_cols = logits.shape
+    batch, seq_len, n_cols = logits.shape
+    n_rows = batch * seq_len
     grad_p = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     grad_q = torch.empty((n_rows, n_cols), dtype=ref_logits.dtype, device=logits.device) if with_ref_grad else None
     if n_rows:
         block = block_v(n_cols, logits.device)
         _full_kl_bwd_kernel[(n_rows,)](
-            logits, logits.stride(0), ref_logits, ref_logits.stride(0), grad_p,
-            grad_q if with_ref_grad else grad_p, *stats, grad_kl.contiguous(), n_cols, 1.0 / temperature,
+            *_strides(logits, ref_logits), grad_p, grad_q if with_ref_grad else grad_p, *stats,
+            grad_kl.contiguous(), n_cols, 1.0 / temperature,
             WITH_REF_GRAD=with_ref_grad, BLOCK_V=block, num_warps=num_warps_for(block),
         )
     return grad_p, grad_q
@@ -162,31 +174,41 @@ def _chunk_terms(logits, ref_logits, rows, inv_temperature, with_q):
     return d, p, (e_q.div_(s_q) if with_q else None), lse_p, lse_q, lse_diff
 
 
+def _torch_row_blocks(logits, step):
+    """(batch index, row slice within it, flat row slice) over [B, T, V] in chunks of `step` rows."""
+    batch, seq_len, _ = logits.shape
+    for b in range(batch):
+        for start in range(0, seq_len, step):
+            stop = min(start + step, seq_len)
+            yield b, slice(start, stop), slice(b * seq_len + start, b * seq_len + stop)
+
+
 def _torch_forward(logits, ref_logits, temperature):
-    n_rows, n_cols = logits.shape
-    kl, lse_p, lse_q, mean_d = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(4))
+    batch, seq_len, n_cols = logits.shape
+    kl, lse_p, lse_q, mean_d = (torch.empty(batch * seq_len, dtype=torch.float32, device=logits.device)
+                                for _ in range(4))
     step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
-    for start in range(0, n_rows, step):
-        rows = slice(start, start + step)
-        d, p, _, lse_p[rows], lse_q[rows], lse_diff = _chunk_terms(logits, ref_logits, rows, 1.0 / temperature, False)
-        mean_d[rows] = torch.linalg.vecdot(p, d)
-        kl[rows] = mean_d[rows] - lse_diff
+    for b, rows, flat in _torch_row_blocks(logits, step):
+        d, p, _, lse_p[flat], lse_q[flat], lse_diff = _chunk_terms(logits[b], ref_logits[b], rows,
+                                                                   1.0 / temperature, False)
+        mean_d[flat] = torch.linalg.vecdot(p, d)
+        kl[flat] = mean_d[flat] - lse_diff
     return kl, (lse_p, lse_q, mean_d)
 
 
 def _torch_backward(logits, ref_logits, stats, grad_kl, temperature, with_ref_grad):
-    n_rows, n_cols = logits.shape
+    batch, seq_len, n_cols = logits.shape
     mean_d = stats[2]
-    grad_p = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    grad_q = torch.empty((n_rows, n_cols), dtype=ref_logits.dtype, device=logits.device) if with_ref_grad else None
+    grad_p = torch.empty((batch * seq_len, n_cols), dtype=logits.dtype, device=logits.device)
+    grad_q = (torch.empty((batch * seq_len, n_cols), dtype=ref_logits.dtype, device=logits.device)
+              if with_ref_grad else None)
     step = max(1, TORCH_CHUNK_ELEMENTS // max(n_cols, 1))
-    for start in range(0, n_rows, step):
-        rows = slice(start, start + step)
-        d, p, q, *_ = _chunk_terms(logits, ref_logits, rows, 1.0 / temperature, with_ref_grad)
-        g = (grad_kl[rows] / temperature).unsqueeze(1)
+    for b, rows, flat in _torch_row_blocks(logits, step):
+        d, p, q, *_ = _chunk_terms(logits[b], ref_logits[b], rows, 1.0 / temperature, with_ref_grad)
+        g = (grad_kl[flat] / temperature).unsqueeze(1)
         if with_ref_grad:
-            grad_q[rows] = q.sub_(p).mul_(g)
-        grad_p[rows] = d.sub_(mean_d[rows].unsqueeze(1)).mul_(p).mul_(g)
+            grad_q[flat] = q.sub_(p).mul_(g)
+        grad_p[flat] = d.sub_(mean_d[flat].unsqueeze(1)).mul_(p).mul_(g)
     return grad_p, grad_q
 
 
@@ -205,7 +227,7 @@ class FullKLFunction(torch.autograd.Function):
         temperature, backend = ctx.args
         impl = _triton_backward if backend == "triton" else _torch_backward
         grad_p, grad_q = impl(logits, ref_logits, stats, grad_kl.float(), temperature, ctx.needs_input_grad[1])
-        return grad_p, grad_q, None, None
+        return grad_p.view(logits.shape), None if grad_q is None else grad_q.view(ref_logits.shape), None, None
 
 
 def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -218,12 +240,7 @@ def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperat
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must match")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    lead_shape, n_cols = logits.shape[:-1], logits.shape[-1]
-    p2d, q2d = logits.reshape(-1, n_cols), ref_logits.reshape(-1, n_cols)
-    if p2d.shape[0] and p2d.stride(-1) != 1:
-        p2d = p2d.contiguous()
-    if q2d.shape[0] and q2d.stride(-1) != 1:
-        q2d = q2d.contiguous()
     backend = resolve_backend(logits)
-    kl = FullKLFunction.apply(p2d, q2d, float(temperature), backend)
-    return kl.reshape(lead_shape)
+    # [B, T, V] views, sliced or not (e.g. logits[:, :-1]): read through their strides, not copied.
+    kl = FullKLFunction.apply(as_3d(logits), as_3d(ref_logits), float(temperature), backend)
+    return kl.reshape(logits.shape[:-1])

@@ -237,7 +237,7 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
     return out
 
 
-def _as_3d(logits):
+def as_3d(logits):
     """[B, T, V] view (copy only if the leading dims cannot merge) with unit last stride."""
     if logits.dim() <= 2:
         logits = logits.reshape(1, -1, logits.shape[-1])
@@ -250,14 +250,14 @@ def rows_forward(logits, labels, temperature, ignore_index, with_entropy, backen
     """(logp, lse, entropy) per row of 2-D [N, V] or 3-D [B, T, V] logits with unit last stride;
     labels flat [N] / [B * T]."""
     impl = _triton_forward if backend == "triton" else _torch_forward
-    return impl(_as_3d(logits), labels, float(temperature), int(ignore_index), bool(with_entropy))
+    return impl(as_3d(logits), labels, float(temperature), int(ignore_index), bool(with_entropy))
 
 
 def rows_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
                   with_entropy, backend, out=None):
     """Gradient w.r.t. the logits as a contiguous [N, V] tensor in their dtype; `out` (2-D,
     contiguous) may be the 2-D logits themselves."""
-    logits = _as_3d(logits)
+    logits = as_3d(logits)
     if out is None:
         out = torch.empty(labels.shape[0], logits.shape[-1], dtype=logits.dtype, device=logits.device)
     impl = _triton_backward if backend == "triton" else _torch_backward
@@ -308,7 +308,7 @@ def logprobs_from_logits(
     """
     _check(logits, labels, temperature)
     lead_shape = labels.shape
-    logits3d = _as_3d(logits)  # a view for the usual [B, T, V] and [N, V], sliced or not
+    logits3d = as_3d(logits)  # a view for the usual [B, T, V] and [N, V], sliced or not
     labels1d = labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
     backend = resolve_backend(logits)
     if torch.is_grad_enabled() and logits.requires_grad:

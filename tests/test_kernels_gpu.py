@@ -48,14 +48,14 @@ COMPILE_SCRIPT = textwrap.dedent(
             {"WITH_ENTROPY": flag, "BLOCK_V": 4096}, arch, 8)
         compile_kernel(
             kl._full_kl_fwd_kernel,
-            {"p_ptr": "*" + dtype, "p_row_stride": "i32", "q_ptr": "*fp32", "q_row_stride": "i32",
-             "kl_ptr": "*fp32", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32", "mean_d_ptr": "*fp32",
+            {"p_ptr": "*" + dtype, "p_stride_batch": "i64", "p_stride_seq": "i32", "q_ptr": "*fp32",
+             "q_stride_batch": "i64", "q_stride_seq": "i32", "seq_len": "i32", "kl_ptr": "*fp32", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32", "mean_d_ptr": "*fp32",
              "n_cols": "i32", "inv_temperature": "fp32"},
             {"BLOCK_V": 4096}, arch, 8)
         compile_kernel(
             kl._full_kl_bwd_kernel,
-            {"p_ptr": "*" + dtype, "p_row_stride": "i32", "q_ptr": "*" + dtype, "q_row_stride": "i32",
-             "grad_p_ptr": "*" + dtype, "grad_q_ptr": "*" + dtype, "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32",
+            {"p_ptr": "*" + dtype, "p_stride_batch": "i32", "p_stride_seq": "i32", "q_ptr": "*" + dtype,
+             "q_stride_batch": "i32", "q_stride_seq": "i32", "seq_len": "i32", "grad_p_ptr": "*" + dtype, "grad_q_ptr": "*" + dtype, "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32",
              "mean_d_ptr": "*fp32", "grad_kl_ptr": "*fp32", "n_cols": "i32", "inv_temperature": "fp32"},
             {"WITH_REF_GRAD": flag, "BLOCK_V": 4096}, arch, 8)
     print("compiled")

@@ -149,3 +149,23 @@ def test_full_kl_of_identical_distributions_is_zero(backend):
 def test_full_kl_shape_mismatch():
     with pytest.raises(ValueError, match="must match"):
         full_kl_from_logits(torch.zeros(2, 5), torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_kl_of_sliced_batch_logits(backend):
+    # logits[:, :-1] for both models, as a per-token KL penalty uses them: read through strides.
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logits, ref_logits = draw_pair((3, 6), 3001, torch.float32, True, False, gen)
+    x, y = logits.clone().requires_grad_(), ref_logits.clone().requires_grad_()
+    with use_backend(backend):
+        kl = full_kl_from_logits(x[:, :-1], y[:, :-1], 0.8)
+    assert kl.shape == (3, 5)
+    x64, y64 = logits.double().requires_grad_(), ref_logits.double().requires_grad_()
+    expected = reference_full_kl(x64[:, :-1], y64[:, :-1], 0.8)
+    check(kl, expected.detach(), 1e-5)
+    g = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    kl.backward(g.float())
+    expected.backward(g)
+    check(x.grad, x64.grad, 2e-5)
+    check(y.grad, y64.grad, 2e-5)
+    assert torch.all(x.grad[:, -1] == 0) and torch.all(y.grad[:, -1] == 0)

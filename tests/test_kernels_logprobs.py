@@ -179,14 +179,14 @@ def test_sliced_batch_logits_are_read_in_place(backend, monkeypatch):
     x = logits.clone().requires_grad_()
     sliced, sliced_labels = x[:, :-1], labels[:, :-1]
     shares_storage = []
-    original_as_3d = logprobs_module._as_3d
+    original_as_3d = logprobs_module.as_3d
 
     def recording_as_3d(t):
         out = original_as_3d(t)
         shares_storage.append(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
         return out
 
-    monkeypatch.setattr(logprobs_module, "_as_3d", recording_as_3d)
+    monkeypatch.setattr(logprobs_module, "as_3d", recording_as_3d)
     with use_backend(backend):
         logp, entropy = logprobs_from_logits(sliced, sliced_labels, temperature=0.8, return_entropy=True)
     assert shares_storage and all(shares_storage), "the sliced logits were copied"

@@ -277,6 +277,8 @@ def run_cuda(args):
                     inputs = make_inputs(function, n_rows, vocab, dtype, "cuda", mode == "fwd+bwd")
                     try:
                         call(fn, inputs, mode)  # warm-up (and compile)
+                        for t in inputs.values():
+                            t.grad = None  # the measured call allocates its gradients afresh
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         before = torch.cuda.memory_allocated()

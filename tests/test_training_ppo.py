@@ -126,7 +126,7 @@ def test_ppo_climbs_a_reward_model(tmp_path):
     base = make(tmp_path / "base", tokenizer=tokenizer)
     sft_file = write_jsonl(tmp_path / "sft.jsonl", task.sft_records(128, seed=0))
     assert train_main(["sft", "--model", str(base), "--train-file", str(sft_file), "--output-dir", str(tmp_path / "sft"),
-                       "--max-steps", "40", "--batch-size", "16", "--learning-rate", "3e-3",
+                       "--max-steps", "30", "--batch-size", "16", "--learning-rate", "3e-3",
                        "--log-dir", str(tmp_path / "log-sft"), "--no-progress"]) == 0
     rng = random.Random(0)
     prefs = []
@@ -144,7 +144,7 @@ def test_ppo_climbs_a_reward_model(tmp_path):
     eval_file = write_jsonl(tmp_path / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
     assert train_main(["ppo", "--model", str(tmp_path / "sft"), "--reward-model", str(tmp_path / "rm"),
                        "--prompts-file", str(prompts_file), "--eval-prompts-file", str(eval_file),
-                       "--output-dir", str(tmp_path / "ppo"), "--num-iterations", "15", "--rollout-batch-size", "16",
+                       "--output-dir", str(tmp_path / "ppo"), "--num-iterations", "10", "--rollout-batch-size", "16",
                        "--minibatch-size", "8", "--max-new-tokens", "6", "--learning-rate", "2e-3",
                        "--kl-coef", "0.02", "--log-dir", str(tmp_path / "log-ppo"), "--no-progress"]) == 0
     before, after = cat_fraction(tmp_path / "sft", eval_prompts), cat_fraction(tmp_path / "ppo", eval_prompts)

@@ -13,6 +13,8 @@ writes three floats per row and nothing else. The backward re-reads the row once
 The PyTorch path does the same math on row chunks of TORCH_CHUNK_ELEMENTS elements, so CPU
 training never holds more than a few float32 copies of one chunk.
 Ignored positions (label == ignore_index) give 0 log-prob, 0 entropy and no gradient.
+[B, T, V] logits are read through their strides, so a slice such as logits[:, :-1] is not
+copied first.
 """
 
 from __future__ import annotations

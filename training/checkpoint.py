@@ -44,14 +44,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or filesystem cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, parent: str | Path | None,
                        data_fingerprint: str | None = None, metrics: dict | None = None,
                        overwrite: bool = False, extra: dict | None = None) -> Path:
     """Save `model` and `tokenizer` to `output_dir` atomically, with rlhfkit.json.
 
     base_model is inherited from the parent's rlhfkit.json (the model the lineage started
-    from), else the parent itself. With overwrite=True an existing checkpoint is moved
-    aside and replaced by one rename; without it, an existing directory is an error.
+    from), else the parent itself. With overwrite=True an existing checkpoint is replaced
+    by one atomic exchange (Linux) or two renames; without it, an existing directory is an error.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -77,10 +94,16 @@ def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, 
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _fsync_tree(tmp)
         if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            # Replace in one step where Linux allows (the old version lands at tmp's name),
+            # else move the old one aside first: a reader may then briefly see no checkpoint,
+            # never half of one.
+            if _exchange(tmp, output_dir):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(output_dir, old)
+                os.rename(tmp, output_dir)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, output_dir)
         _fsync_dir(output_dir.parent)

@@ -1,5 +1,6 @@
 """Serving benchmark: the rlhfkit server (its own process, over gRPC) at 1 / 8 / 64
-concurrent streams, side by side in one run with transformers.generate on the same
+concurrent streams with the native engine and with vLLM (--engine vllm, when a Python with
+vLLM is available), side by side in one run with transformers.generate on the same
 checkpoint, sequential (one request at a time) and batched (all prompts in one call).
 
 Writes JSON (and a PNG plot) to bench/results/. Timings on shared machines are noisy:
@@ -7,9 +8,16 @@ read the ratios, which come from one run on one machine.
 
     python bench/serve.py                     # ~30M-parameter Llama, random weights
     python bench/serve.py --policy DIR        # any local checkpoint
+    python bench/serve.py --vllm-python /path/to/venv/bin/python   # vLLM in another environment
 """
 
 from __future__ import annotations
+
+import os
+
+# The same OpenMP wait policy `rlhfkit serve` runs with, so the in-process transformers
+# baselines are not slowed by spin-waiting against the server's and clients' threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
@@ -71,12 +79,13 @@ def run_streams(address: str, prompts: list[list[int]], new_tokens: int) -> dict
             last, n, gaps, first = t0, 0, [], None
             for chunk in c.generation.GenerateStream(req):
                 now = time.perf_counter()
+                k = len(chunk.token_ids)
                 if first is None:
                     first = now - t0
-                else:
-                    gaps.append(now - last)
+                elif k:
+                    gaps += [(now - last) / k] * k  # an engine may deliver several tokens per chunk
                 last = now
-                n += len(chunk.token_ids)
+                n += k
             with lock:
                 ttft.append(first)
                 itl.extend(gaps)
@@ -117,14 +126,39 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, batched: bool, pad_
     return {"requests": len(prompts), "tokens": n, "wall_s": wall, "tokens_per_s": n / wall}
 
 
-def start_server(policy: Path, max_num_seqs: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy),
+def start_server(policy: Path, max_num_seqs: int, engine: str = "native",
+                 python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([python, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy),
                              "--port", "0", "--device", "cpu", "--max-num-seqs", str(max_num_seqs),
-                             "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+                             "--engine", engine, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
     m = re.search(r"gRPC on (\S+):(\d+)", proc.stdout.readline())
     address = f"{m.group(1)}:{m.group(2)}"
-    Client(address).wait_ready(300)
+    Client(address).wait_ready(600)
     return proc, address
+
+
+def vllm_python(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("vllm") else None
+
+
+def bench_engine(name, policy, prompts, args, python=sys.executable) -> list[dict]:
+    rows = []
+    proc, address = start_server(policy, max(args.streams), name, python)
+    try:
+        run_streams(address, prompts[:2], 8)  # warm-up
+        for s in args.streams:
+            r = run_streams(address, prompts[:s], args.new_tokens)
+            rows.append(r)
+            print(f"{name:7s} {s:3d} streams: {r['tokens_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_s'] * 1e3:7.1f} ms"
+                  f"  p99 {r['ttft_p99_s'] * 1e3:7.1f} ms  ITL p50 {r['itl_p50_s'] * 1e3:6.1f} ms", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    return rows
 
 
 def plot(result: dict, path: Path):
@@ -133,20 +167,23 @@ def plot(result: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["native"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    x = [r["streams"] for r in rows]
-    a.plot(x, [r["tokens_per_s"] for r in rows], "o-", label="rlhfkit native (gRPC)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for engine, style in (("native", "-"), ("vllm", ":")):
+        if engine not in result:
+            continue
+        rows = result[engine]
+        x = [r["streams"] for r in rows]
+        a.plot(x, [r["tokens_per_s"] for r in rows], "o" + style, label=f"rlhfkit {engine} (gRPC)")
+        b.plot(x, [r["ttft_p50_s"] * 1000 for r in rows], "o" + style, label=f"{engine} TTFT p50")
+        b.plot(x, [r["ttft_p99_s"] * 1000 for r in rows], "^" + style, label=f"{engine} TTFT p99")
+        b.plot(x, [r["itl_p50_s"] * 1000 for r in rows], "s" + style, label=f"{engine} inter-token p50")
     for key, label in (("hf_sequential", "transformers sequential"), ("hf_batched", "transformers batched")):
         if key in result:
             a.axhline(result[key]["tokens_per_s"], ls="--", label=label, color="gray" if "seq" in key else "black")
     a.set(xscale="log", xlabel="concurrent streams", ylabel="tokens / s", title="throughput")
     a.legend()
-    b.plot(x, [r["ttft_p50_s"] * 1000 for r in rows], "o-", label="TTFT p50")
-    b.plot(x, [r["ttft_p99_s"] * 1000 for r in rows], "o--", label="TTFT p99")
-    b.plot(x, [r["itl_p50_s"] * 1000 for r in rows], "s-", label="inter-token p50")
     b.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency")
-    b.legend()
+    b.legend(fontsize=7)
     fig.suptitle(f"{result['model']['parameters'] / 1e6:.0f}M-param model, {result['prompt_tokens']} prompt + "
                  f"{result['new_tokens']} new tokens, {result['device']}")
     fig.tight_layout()
@@ -164,6 +201,9 @@ def main(argv=None):
     p.add_argument("--hidden-size", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--vllm-python", help="a Python interpreter with vLLM and rlhfkit installed (default: this one, "
+                   "if it has vLLM)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_cpu.json"))
     args = p.parse_args(argv)
 
@@ -179,20 +219,15 @@ def main(argv=None):
                             "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers},
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "device": "cpu",
                   "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
-                  "torch": torch.__version__, "native": []}
+                  "torch": torch.__version__}
         print(f"model: {nparams / 1e6:.1f}M parameters", flush=True)
 
-        proc, address = start_server(policy, max(args.streams))
-        try:
-            run_streams(address, prompts[:2], 8)  # warm-up
-            for s in args.streams:
-                r = run_streams(address, prompts[:s], args.new_tokens)
-                result["native"].append(r)
-                print(f"native  {s:3d} streams: {r['tokens_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_s'] * 1e3:7.1f} ms"
-                      f"  p99 {r['ttft_p99_s'] * 1e3:7.1f} ms  ITL p50 {r['itl_p50_s'] * 1e3:6.1f} ms", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(60)
+        result["native"] = bench_engine("native", policy, prompts, args)
+        vpy = vllm_python(args.vllm_python)
+        if vpy and not args.no_vllm:
+            result["vllm"] = bench_engine("vllm", policy, prompts, args, vpy)
+        else:
+            print("vLLM: not installed here and no --vllm-python given; skipped", flush=True)
 
         run_hf(model, prompts[:1], 4, batched=False, pad_id=tok.pad_token_id)  # warm-up
         result["hf_sequential"] = run_hf(model, prompts[:args.sequential_requests], args.new_tokens, False,
@@ -207,6 +242,10 @@ def main(argv=None):
     by_streams = {r["streams"]: r for r in result["native"]}
     result["ratios"] = {f"native_{s}_streams_over_hf_sequential": by_streams[s]["tokens_per_s"] / seq
                         for s in by_streams}
+    if "vllm" in result:
+        for r in result["vllm"]:
+            result["ratios"][f"native_over_vllm_{r['streams']}_streams"] = (
+                by_streams[r["streams"]]["tokens_per_s"] / r["tokens_per_s"])
     if 1 in by_streams and 8 in by_streams:
         result["ratios"]["ttft_p50_8_streams_over_1"] = by_streams[8]["ttft_p50_s"] / by_streams[1]["ttft_p50_s"]
     out = Path(args.out)

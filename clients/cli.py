@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("serve", "train"):
         try:
             if argv[0] == "serve":
+                # A server shares its cores with gRPC threads (and often with its clients):
+                # OpenMP's default spin-waiting then turns a 2 ms decode step into 30 ms.
+                # Read when torch loads OpenMP, hence before the import; the user's value wins.
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 from rlhfkit.server.app import main as command_main
             else:
                 from rlhfkit.training.cli import main as command_main

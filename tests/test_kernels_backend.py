@@ -1,5 +1,6 @@
 """use_backend: which implementation runs, and that it is scoped to the `with` block and thread."""
 
+import os
 import threading
 
 import pytest
@@ -9,7 +10,11 @@ from rlhfkit.kernels import logprobs as logprobs_module
 from rlhfkit.kernels import logprobs_from_logits, use_backend
 from rlhfkit.kernels.backend import current_backend, resolve_backend
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
+
+@needs_interpreter
 def test_auto_is_torch_on_cpu_and_forcing_is_scoped():
     cpu = torch.zeros(2)
     assert current_backend() == "auto" and resolve_backend(cpu) == "torch"
@@ -36,7 +41,7 @@ def test_bad_backend_name():
             pass
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
 def test_the_forced_path_is_the_one_that_runs(backend, monkeypatch):
     calls = []
     for name in ("_torch_forward", "_triton_forward"):
@@ -45,3 +50,9 @@ def test_the_forced_path_is_the_one_that_runs(backend, monkeypatch):
     with use_backend(backend):
         logprobs_from_logits(torch.randn(3, 50), torch.tensor([1, 2, 3]))
     assert calls == [f"_{backend}_forward"]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="only meaningful without the interpreter")
+def test_triton_on_cpu_without_interpreter_says_why():
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend(torch.zeros(2))

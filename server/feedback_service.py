@@ -40,9 +40,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         s = gen_pb.SamplingParams()
         s.CopyFrom(sampling)
         s.n = n
-        engine, req, queue = self.generation._submit(gen_pb.GenerateRequest(model=model, prompt=prompt, sampling=s))
+        engine, req, queue = self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=prompt, sampling=s))
         texts = [""] * n
-        async for outs in self.generation._outputs(engine, req, queue):
+        async for outs in self.generation.outputs(engine, req, queue):
             for o in outs:
                 texts[o.index] += o.text
         return [(engine.lm.name, engine.lm.model_version, t) for t in texts]

@@ -117,7 +117,7 @@ class GenerationService(gen_grpc.GenerationServicer):
     def __init__(self, state: ServerState):
         self.state = state
 
-    def _submit(self, request: gen_pb.GenerateRequest):
+    def submit(self, request: gen_pb.GenerateRequest):
         """Validate and enqueue; returns (engine, engine request, asyncio queue of outputs)."""
         self.state.check_ready()
         params = sampling_from_proto(request.sampling)
@@ -135,7 +135,7 @@ class GenerationService(gen_grpc.GenerationServicer):
                 if attempt == 2:
                     raise  # a hot reload retired the model between lookup and enqueue: look again once
 
-    async def _outputs(self, engine: Engine, req, queue):
+    async def outputs(self, engine: Engine, req, queue):
         """Yield each step's outputs until every completion has finished; abort the request
         in the engine if the call ends first (client cancel, deadline, server stop)."""
         remaining = len(req.sequences)
@@ -153,11 +153,11 @@ class GenerationService(gen_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         try:
-            engine, req, queue = self._submit(request)
+            engine, req, queue = self.submit(request)
         except REQUEST_ERRORS as e:
             return await fail(self.state, context, "Generate", e)
         completions = [gen_pb.Completion(index=i) for i in range(req.params.n)]
-        async for outs in self._outputs(engine, req, queue):
+        async for outs in self.outputs(engine, req, queue):
             for o in outs:
                 c = completions[o.index]
                 c.text += o.text
@@ -175,12 +175,12 @@ class GenerationService(gen_grpc.GenerationServicer):
 
     async def GenerateStream(self, request, context):
         try:
-            engine, req, queue = self._submit(request)
+            engine, req, queue = self.submit(request)
         except REQUEST_ERRORS as e:
             await fail(self.state, context, "GenerateStream", e)
             return
         version = engine.lm.model_version
-        async for outs in self._outputs(engine, req, queue):
+        async for outs in self.outputs(engine, req, queue):
             for o in outs:
                 yield gen_pb.GenerateChunk(
                     index=o.index, text=o.text, token_ids=o.token_ids, logprobs=o.logprobs,

@@ -15,6 +15,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
 BACKENDS = ["torch", TRITON_ON_CPU]
+
+
+def fresh_generator(seed=None):
+    """Freshly drawn inputs every run; the seed is printed so a failure can be replayed."""
+    seed = torch.seed() % 2**31 if seed is None else seed
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)
 IGNORE = -100
 
 
@@ -59,7 +66,7 @@ GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2**-5, torch.float16: 2**-7}
     ],
 )
 def test_matches_float64_reference(backend, dtype, shape, hidden_size, vocab, temperature, chunk_rows, n_ignored):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = fresh_generator()
     hidden = torch.randn(*shape, hidden_size, generator=gen).to(dtype)
     weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5 * 2).to(dtype)
     labels = torch.randint(0, vocab, shape, generator=gen)
@@ -84,7 +91,7 @@ def test_matches_float64_reference(backend, dtype, shape, hidden_size, vocab, te
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_frozen_and_no_entropy(backend):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = fresh_generator()
     hidden = torch.randn(9, 16, generator=gen)
     weight = torch.randn(517, 16, generator=gen) / 4
     labels = torch.randint(0, 517, (9,), generator=gen)

@@ -16,6 +16,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
 BACKENDS = ["torch", TRITON_ON_CPU]
+
+
+def fresh_generator(seed=None):
+    """Freshly drawn inputs every run; the seed is printed so a failure can be replayed."""
+    seed = torch.seed() % 2**31 if seed is None else seed
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -103,7 +110,7 @@ def draw_pair(shape, vocab, dtype, masked, close, gen):
     ],
 )
 def test_full_kl_matches_float64_reference(backend, dtype, shape, vocab, temperature, masked, close, ref_grad):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = fresh_generator()
     logits, ref_logits = draw_pair(shape, vocab, dtype, masked, close, gen)
     x, y = logits.clone().requires_grad_(), ref_logits.clone().requires_grad_(ref_grad)
     with use_backend(backend):
@@ -131,7 +138,7 @@ def test_full_kl_matches_float64_reference(backend, dtype, shape, vocab, tempera
 def test_full_kl_large_vocabulary(backend, monkeypatch):
     monkeypatch.setitem(logprobs_module.MAX_BLOCK_V, "interpreter", 16384)
     monkeypatch.setattr(kl_module, "TORCH_CHUNK_ELEMENTS", 1 << 20)
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = fresh_generator()
     logits, ref_logits = draw_pair((2,), 262144, torch.bfloat16, True, False, gen)
     x = logits.clone().requires_grad_()
     with use_backend(backend):
@@ -160,7 +167,7 @@ def test_full_kl_shape_mismatch():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_kl_of_sliced_batch_logits(backend):
     # logits[:, :-1] for both models, as a per-token KL penalty uses them: read through strides.
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = fresh_generator()
     logits, ref_logits = draw_pair((3, 6), 3001, torch.float32, True, False, gen)
     x, y = logits.clone().requires_grad_(), ref_logits.clone().requires_grad_()
     with use_backend(backend):

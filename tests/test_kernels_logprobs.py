@@ -23,6 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
 BACKENDS = ["torch", TRITON_ON_CPU]
+
+
+def fresh_generator(seed=None):
+    """Freshly drawn inputs every run; the seed is printed so a failure can be replayed."""
+    seed = torch.seed() % 2**31 if seed is None else seed
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 
@@ -45,7 +52,7 @@ def reference(logits, labels, temperature, ignore_index=IGNORE):
 
 
 def draw(shape, vocab, dtype, masked=False, n_ignored=0, scale=3.0, seed=None):
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = fresh_generator(seed)
     logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype)
     labels = torch.randint(0, vocab, shape, generator=gen)
     if masked:  # a masked vocabulary: every 5th token and the first 1500 are -inf, never a label

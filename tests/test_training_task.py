@@ -100,3 +100,16 @@ def test_reader_missing_and_empty_file(tmp_path):
     write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match="no records"):
         read_jsonl(tmp_path / "empty.jsonl", "sft")
+
+
+def test_data_command_writes_every_format(tmp_path, capsys):
+    from rlhfkit.training.cli import main as train_main
+
+    assert train_main(["data", "--output-dir", str(tmp_path), "--n-sft", "5", "--n-pairs", "4", "--n-rankings", "3",
+                       "--n-prompts", "2", "--n-eval", "1", "--temperature", "0"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert len(read_jsonl(written["sft"], "sft")) == 5 and len(read_jsonl(written["prompts"], "prompts")) == 2
+    prefs = read_jsonl(written["preferences"], "preferences")
+    assert all(task.utility(r["prompt"], r["chosen"]) >= task.utility(r["prompt"], r["rejected"]) for r in prefs)
+    with pytest.raises(SystemExit):
+        train_main(["data", "--output-dir", str(tmp_path), "--error-rate", "1.5"])

@@ -40,7 +40,7 @@ class LoopConfig:
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
     rm_epochs: float = field(default=1.0, metadata={"help": "reward model epochs over the preference pairs"})
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
-    ppo_iterations: int = field(default=40, metadata={"help": "PPO iterations (0: skip PPO)"})
+    ppo_iterations: int = field(default=200, metadata={"help": "PPO iterations (0: skip PPO)"})
     ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
     kl_coef: float = field(default=0.1, metadata={"help": "PPO KL penalty"})
     dpo: bool = field(default=True, metadata={"help": "also train a DPO policy from the SFT one"})

@@ -87,3 +87,14 @@ def test_dpo_end_to_end_prefers_chosen_held_out(base, tmp_path):
         wins += h > 0
     assert wins / len(eval_records) >= 0.9
     assert info["metrics"]["eval_reward_accuracy"] == pytest.approx(wins / len(eval_records))
+
+
+def test_dpo_micro_batches_accumulate_to_the_full_batch_step(base, tmp_path):
+    from test_training_sft import assert_same_weights, trained_weights
+
+    from rlhfkit.training.dpo import train_dpo
+
+    train_file = write_jsonl(tmp_path / "prefs.jsonl", task.preference_records(6, seed=9))
+    args = dict(model=str(base), train_file=str(train_file), batch_size=6, learning_rate=1e-2, warmup_steps=1)
+    assert_same_weights(trained_weights(train_dpo, DPOConfig, tmp_path, "whole", **args),
+                        trained_weights(train_dpo, DPOConfig, tmp_path, "micro", micro_batch_size=4, **args))

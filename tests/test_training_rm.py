@@ -113,3 +113,17 @@ def test_rm_trains_on_rankings(base, tmp_path):
     scores = server_score(out, [(r["prompt"], x) for r in records[32:] for x in r["responses"]])
     ordered = [scores[i] > scores[i + 1] > scores[i + 2] for i in range(0, len(scores), 3)]
     assert sum(ordered) / len(ordered) > 0.75  # chance is 1/6
+
+
+def test_rm_micro_batches_accumulate_to_the_full_batch_step(base, tmp_path):
+    from test_training_sft import assert_same_weights, trained_weights
+
+    from rlhfkit.training.rm import RMConfig, train_rm
+
+    records = [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]} for p in easy_preferences(3, seed=7)]
+    records += task.ranking_records(3, k=4, seed=8)  # mixed K: pairs and rankings of up to four
+    train_file = write_jsonl(tmp_path / "mixed.jsonl", records)
+    args = dict(model=str(base), train_file=str(train_file), data_format="rankings", batch_size=6, learning_rate=1e-2,
+                warmup_steps=1, seed=0)
+    assert_same_weights(trained_weights(train_rm, RMConfig, tmp_path, "whole", **args),
+                        trained_weights(train_rm, RMConfig, tmp_path, "micro", micro_batch_size=4, **args))

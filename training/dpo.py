@@ -39,6 +39,7 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "assumed label-flip rate (conservative DPO; sigmoid only)"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response + EOS to this many tokens"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    micro_batch_size: int = field(default=0, metadata={"help": "pairs per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
@@ -59,6 +60,8 @@ class DPOConfig:
         for name in ("max_length", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -151,9 +154,15 @@ def train_dpo(config: DPOConfig) -> dict:
     bar = tqdm(total=total_steps, desc="dpo", disable=not config.progress)
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
-            loss, chosen_r, rejected_r = pair_loss(model, chunk, config, pad_id, device)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, chosen, rejected = 0.0, [], []
+            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
+                part, chosen_r, rejected_r = pair_loss(model, micro, config, pad_id, device)
+                (part * len(micro) / len(chunk)).backward()
+                loss = loss + part.detach() * len(micro) / len(chunk)
+                chosen.append(chosen_r)
+                rejected.append(rejected_r)
+            chosen_r, rejected_r = torch.cat(chosen), torch.cat(rejected)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()

@@ -42,6 +42,7 @@ class RMConfig:
     sft_file: str | None = field(default=None, metadata={"help": "SFT demonstrations; after training, set the bias so they score 0 on average"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response to this many tokens (keeping the end, where the reward is read)"})
     batch_size: int = field(default=16, metadata={"help": "prompts (pairs or rankings) per step"})
+    micro_batch_size: int = field(default=0, metadata={"help": "prompts per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the data (InstructGPT: 1, the RM overfits fast)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
@@ -64,6 +65,8 @@ class RMConfig:
         for name in ("max_length", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set num_epochs > 0 or max_steps > 0")
         if self.learning_rate <= 0:
@@ -184,10 +187,14 @@ def train_rm(config: RMConfig) -> dict:
     bar = tqdm(total=total_steps, desc="rm", disable=not config.progress)
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
-            rewards, mask = group_rewards(model, tokenizer, chunk, config.max_length, device)
-            loss = rm_loss(rewards, mask, [g["margin"] for g in chunk], config.center_coef)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, seen = 0.0, []
+            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
+                rewards, mask = group_rewards(model, tokenizer, micro, config.max_length, device)
+                part = rm_loss(rewards, mask, [g["margin"] for g in micro], config.center_coef) * len(micro) / len(chunk)
+                part.backward()
+                loss = loss + part.detach()
+                seen.append((rewards.detach(), mask))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -196,10 +203,11 @@ def train_rm(config: RMConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             row = {}
             if step % config.log_every == 0 or step == total_steps:
-                acc, _ = pair_accuracy(rewards.detach(), mask)
+                counted = [pair_accuracy(r, m) for r, m in seen]
+                acc = sum(a * n for a, n in counted) / max(1, sum(n for _, n in counted))
                 row = {"loss": loss.item(), "accuracy": acc, "grad_norm": grad_norm.item(),
-                       "lr": scheduler.get_last_lr()[0], "reward_best": rewards[:, 0].mean().item(),
-                       "reward_mean": masked_mean(rewards.detach(), mask).item()}
+                       "lr": scheduler.get_last_lr()[0], "reward_best": torch.cat([r[:, 0] for r, _ in seen]).mean().item(),
+                       "reward_mean": torch.cat([r[m] for r, m in seen]).mean().item()}
                 metrics.update(train_loss=row["loss"], train_accuracy=acc)
             if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 row.update(evaluate(model, tokenizer, evals, config, device))

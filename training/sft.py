@@ -35,6 +35,7 @@ class SFTConfig:
     eval_file: str | None = field(default=None, metadata={"help": "held-out SFT JSONL for the eval loss"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + completion + EOS to this many tokens"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimizer step"})
+    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training file"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
@@ -55,6 +56,8 @@ class SFTConfig:
         for name in ("max_length", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set num_epochs > 0 or max_steps > 0")
         if self.learning_rate <= 0:
@@ -92,10 +95,16 @@ def token_logprobs(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return fused_linear_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE)
 
 
-def sft_loss(model, batch) -> tuple[torch.Tensor, int]:
+def sft_loss(model, batch, total_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Summed NLL of the batch's trained tokens over `total_tokens` (default: the batch's
+    own count), so micro-batch losses add up to the mean over the whole batch."""
     logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-    return -logp.sum() / max(n_tokens, 1), n_tokens
+    return -logp.sum() / max(total_tokens or n_tokens, 1), n_tokens
+
+
+def trained_tokens(examples) -> int:
+    return sum(sum(label != IGNORE for label in labels[1:]) for _, labels in examples)
 
 
 @torch.no_grad()
@@ -136,10 +145,12 @@ def train_sft(config: SFTConfig) -> dict:
     bar = tqdm(total=total_steps, desc="sft", disable=not config.progress)
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            loss, n = sft_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total, loss, n = trained_tokens(chunk), 0.0, 0
+            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
+                part, part_tokens = sft_loss(model, {k: v.to(device) for k, v in collate(micro, pad_id).items()}, total)
+                part.backward()
+                loss, n = loss + part.detach(), n + part_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()

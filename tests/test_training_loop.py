@@ -13,7 +13,7 @@ from rlhfkit.training.data import read_jsonl
 from rlhfkit.training.loop import gold_utility
 
 
-def test_loop_in_miniature(tmp_path):
+def test_loop_in_miniature(tmp_path, capsys):
     work = tmp_path / "work"
     assert train_main(["loop", "--workdir", str(work), "--hidden-size", "32", "--num-layers", "1",
                        "--sft-steps", "3", "--ppo-iterations", "1", "--batch-size", "16", "--n-sft", "48",
@@ -40,6 +40,10 @@ def test_loop_in_miniature(tmp_path):
         expected += task.utility(p, tok.decode(out, skip_special_tokens=True))
     assert abs(gold_utility(sft, prompts) - expected / len(prompts)) < 1e-9
     assert abs(report["stages"]["sft"]["gold_greedy"] - expected / len(prompts)) < 1e-9
+    capsys.readouterr()
+    assert train_main(["eval", "--policy", str(sft), "--prompts-file", str(work / "data" / "prompts_eval.jsonl"),
+                       "--device", "cpu"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["gold_utility"] - expected / len(prompts)) < 1e-9
 
 
 def test_label_ranks_the_policys_own_samples(tmp_path):

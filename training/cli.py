@@ -20,6 +20,7 @@ STAGES = {
     "dpo": ("rlhfkit.training.dpo", "DPOConfig", "train_dpo"),
     "ppo": ("rlhfkit.training.ppo", "PPOConfig", "train_ppo"),
     "label": ("rlhfkit.training.loop", "LabelConfig", "label_policy_samples"),
+    "eval": ("rlhfkit.training.loop", "EvalConfig", "evaluate_policy"),
     "loop": ("rlhfkit.training.loop", "LoopConfig", "run_loop"),
 }
 

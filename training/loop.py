@@ -76,6 +76,25 @@ def gold_utility(policy_dir: str | Path, prompts: list[str], temperature: float 
 
 
 @dataclass
+class EvalConfig:
+    """Score a policy on the bundled task's prompts with the hidden gold utility."""
+
+    policy: str = field(metadata={"help": "policy checkpoint"})
+    prompts_file: str = field(metadata={"help": "prompts JSONL of the bundled task"})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy; else sampled with this temperature"})
+    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+
+
+def evaluate_policy(config: EvalConfig) -> dict:
+    prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]
+    score = gold_utility(config.policy, prompts, config.temperature, config.max_new_tokens, config.seed,
+                         str(pick_device(config.device)))
+    return {"gold_utility": score, "prompts": len(prompts), "temperature": config.temperature}
+
+
+@dataclass
 class LabelConfig:
     """Sample K responses per prompt from a policy and have the bundled task's annotators rank them."""
 

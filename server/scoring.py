@@ -13,7 +13,7 @@ from rlhfkit.server.models import LoadedModel
 def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
     """Rewards for (prompt, response) pairs, batched with right padding. The model reads
     the reward at the last non-padding token (AutoModelForSequenceClassification's rule),
-    so padding does not change a score."""
+    so padding does not change a score; plus the checkpoint's reward_bias, if any."""
     tok = rm.tokenizer
     encoded = [tok(p + r).input_ids for p, r in zip(prompts, responses)]
     for i, ids in enumerate(encoded):
@@ -23,6 +23,9 @@ def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch
             raise SamplingParamsError(
                 f"items[{i}]", f"prompt + response is {len(ids)} tokens, over the reward model's "
                 f"context of {rm.context_length}; shorten it")
+    # `rlhfkit train rm` centres rewards after training (SFT demonstrations score 0 on
+    # average); score heads without a bias term keep that offset in rlhfkit.json.
+    bias = float(rm.meta.get("reward_bias", 0.0))
     rewards: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
@@ -34,7 +37,7 @@ def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch
                 ids[i, :len(x)] = torch.tensor(x)
                 mask[i, :len(x)] = 1
             out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device))
-            rewards += out.logits[:, 0].float().tolist()
+            rewards += (out.logits[:, 0].float() + bias).tolist()
     return rewards
 
 

@@ -275,3 +275,22 @@ def test_plain_policy_directory_reloads_when_republished(store, tiny_tokenizer):
             assert list(resp.completions[0].token_ids) == greedy(target, tiny_tokenizer, PROMPT, 12)
     finally:
         srv.stop()
+
+
+def test_reward_bias_from_rlhfkit_json_is_added(store, tiny_tokenizer):
+    """`rlhfkit train rm` keeps its centring offset in rlhfkit.json (Llama's score head has
+    no bias term); Score must add it to the plain forward, as PPO training does."""
+    torch.manual_seed(5)
+    config = tiny_llama_config(tiny_tokenizer)
+    config.num_labels = 1
+    rm = LlamaForSequenceClassification(config).eval()
+    path = publish_checkpoint(rm, tiny_tokenizer, store.parent / "rm-biased", stage="rm", parent=store / "sft-1",
+                              extra={"reward_bias": -1.25})
+    with torch.no_grad():
+        plain = rm(torch.tensor([tiny_tokenizer(PROMPT + " yes").input_ids])).logits[0, 0].item()
+    srv = ServerThread(ServeConfig(reward=str(path), port=0, device="cpu", reload_interval=0)).wait_loaded()
+    try:
+        with Client(srv.address, timeout=60) as c:
+            assert c.score([(PROMPT, " yes")])[0] == pytest.approx(plain - 1.25, abs=1e-5)
+    finally:
+        srv.stop()

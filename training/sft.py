@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import (MetricsLog, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
+from .common import (MetricsLog, TrainConfig, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
                      resolve_warmup, seed_everything)
 from .data import fingerprint_files, read_jsonl
 from .ops import fused_linear_logprobs
@@ -25,8 +25,8 @@ from .ops import fused_linear_logprobs
 IGNORE = -100
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on {"prompt", "completion"} JSONL."""
 
     model: str = field(metadata={"help": "checkpoint to start from (a Hugging Face directory)"})
@@ -34,34 +34,6 @@ class SFTConfig:
     output_dir: str = field(metadata={"help": "where to publish the fine-tuned checkpoint"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out SFT JSONL for the eval loss"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + completion + EOS to this many tokens"})
-    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step"})
-    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
-    num_epochs: float = field(default=1.0, metadata={"help": "passes over the training file"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
-    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
-    seed: int = field(default=0, metadata={"help": "random seed (shuffling, dropout)"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-
-    def __post_init__(self):
-        for name in ("max_length", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size < 0:
-            raise ValueError(f"micro_batch_size must be >= 0 (0: the whole batch), got {self.micro_batch_size}")
-        if self.num_epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set num_epochs > 0 or max_steps > 0")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
 def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:

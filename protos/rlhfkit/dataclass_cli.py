@@ -28,7 +28,10 @@ def _base_type(tp):
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    # Required options first in --help (a config that extends a base lists the base's first).
+    fields = sorted(fields, key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    for f in fields:
         if not f.init or f.metadata.get("cli") is False:
             continue
         tp, choices = _base_type(hints[f.name])

@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile

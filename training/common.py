@@ -48,6 +48,18 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps for a training set of n_examples: max_steps, else num_epochs passes."""
+        return self.max_steps or max(1, math.ceil(self.num_epochs * math.ceil(n_examples / self.batch_size)))
+
+    def optimizer(self, model: torch.nn.Module, total_steps: int):
+        """AdamW and its warmup + cosine schedule, as these options set them."""
+        warmup = resolve_warmup(self.warmup_steps, self.warmup_ratio, total_steps)
+        return make_optimizer(model, self.learning_rate, self.weight_decay, total_steps, warmup, self.min_lr_ratio)
+
+    def metrics_log(self) -> "MetricsLog":
+        return MetricsLog(self.log_dir or default_log_dir(self.output_dir))
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":

@@ -9,7 +9,6 @@ the policy's first step.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import MetricsLog, TrainConfig, batched, default_log_dir, make_optimizer, pick_device, resolve_warmup, seed_everything
+from .common import TrainConfig, batched, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
 from .losses import dpo_loss
 from .sft import IGNORE, collate, token_logprobs, tokenize_sft
@@ -123,11 +122,9 @@ def train_dpo(config: DPOConfig) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
     model.train()
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * math.ceil(len(train) / config.batch_size)))
-    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
-    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
-                                          config.min_lr_ratio)
-    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    total_steps = config.total_steps(len(train))
+    optimizer, scheduler = config.optimizer(model, total_steps)
+    log = config.metrics_log()
     metrics: dict = {"train_pairs": len(train), "eval_pairs": len(evals)}
 
     step, start = 0, time.time()

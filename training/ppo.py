@@ -17,8 +17,6 @@ The value model starts from the reward model (InstructGPT) and reads a value at 
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -29,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from . import task
 from .checkpoint import publish_checkpoint, read_info
-from .common import MetricsLog, batched, default_log_dir, encode, pad_right, pick_device, seed_everything, warmup_cosine
+from .common import MetricsLog, batched, default_log_dir, encode, pick_device, seed_everything, warmup_cosine
 from .data import fingerprint_files, read_jsonl
 from .losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from .ops import fused_linear_logprobs, kl_from_logprobs, sample_tokens

@@ -14,7 +14,6 @@ which keeps PPO's reward on a known scale.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -24,8 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import (MetricsLog, TrainConfig, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
-                     resolve_warmup, seed_everything)
+from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
 from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
 
@@ -149,11 +147,9 @@ def train_rm(config: RMConfig) -> dict:
     if not config.use_margin:
         for g in train:
             g["margin"] = None
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * math.ceil(len(train) / config.batch_size)))
-    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
-    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
-                                          config.min_lr_ratio)
-    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    total_steps = config.total_steps(len(train))
+    optimizer, scheduler = config.optimizer(model, total_steps)
+    log = config.metrics_log()
     metrics: dict = {"train_groups": len(train), "eval_groups": len(evals)}
 
     step, start = 0, time.time()

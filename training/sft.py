@@ -8,7 +8,6 @@ weight, so the [tokens, vocab] logits never exist in full.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,8 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import publish_checkpoint
-from .common import (MetricsLog, TrainConfig, batched, default_log_dir, encode, make_optimizer, pad_right, pick_device,
-                     resolve_warmup, seed_everything)
+from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
 from .ops import fused_linear_logprobs
 
@@ -105,12 +103,9 @@ def train_sft(config: SFTConfig) -> dict:
     evals = tokenize_sft(tokenizer, read_jsonl(config.eval_file, "sft"), config.max_length) if config.eval_file else []
     if not train:
         raise ValueError(f"{config.train_file}: no example has a completion token within max_length={config.max_length}")
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    warmup = resolve_warmup(config.warmup_steps, config.warmup_ratio, total_steps)
-    optimizer, scheduler = make_optimizer(model, config.learning_rate, config.weight_decay, total_steps, warmup,
-                                          config.min_lr_ratio)
-    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
+    total_steps = config.total_steps(len(train))
+    optimizer, scheduler = config.optimizer(model, total_steps)
+    log = config.metrics_log()
     metrics: dict = {"train_examples": len(train), "eval_examples": len(evals)}
 
     step, tokens, start = 0, 0, time.time()

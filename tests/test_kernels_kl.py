@@ -1,6 +1,5 @@
 """kl_from_logprobs and full_kl_from_logits against float64 references written here."""
 
-import os
 
 import pytest
 import torch
@@ -8,22 +7,10 @@ import torch
 from rlhfkit.kernels import full_kl_from_logits, kl_from_logprobs, use_backend
 from rlhfkit.kernels import kl as kl_module
 from rlhfkit.kernels import logprobs as logprobs_module
+from kernel_testing import BACKENDS, DTYPES, fresh_generator
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-# Triton on CPU tensors runs through the interpreter, which conftest enables only without
-# CUDA; on a GPU machine the gpu-marked tests run the kernels on CUDA tensors instead.
-TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
-BACKENDS = ["torch", TRITON_ON_CPU]
-
-
-def fresh_generator(seed=None):
-    """Freshly drawn inputs every run; the seed is printed so a failure can be replayed."""
-    seed = torch.seed() % 2**31 if seed is None else seed
-    print(f"input seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)

@@ -7,31 +7,17 @@ rounding for every input dtype; gradients come back in the input dtype and are h
 that dtype's rounding.
 """
 
-import os
 
 import pytest
 import torch
 
 from rlhfkit.kernels import logprobs as logprobs_module
 from rlhfkit.kernels import logprobs_from_logits, use_backend
+from kernel_testing import BACKENDS, DTYPES, IGNORE, fresh_generator
 
 # The interpreter evaluates masked-out lanes too (0 * -inf on masked vocabulary), which numpy reports.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-# Triton on CPU tensors runs through the interpreter, which conftest enables only without
-# CUDA; on a GPU machine the gpu-marked tests run the kernels on CUDA tensors instead.
-TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
-BACKENDS = ["torch", TRITON_ON_CPU]
-
-
-def fresh_generator(seed=None):
-    """Freshly drawn inputs every run; the seed is printed so a failure can be replayed."""
-    seed = torch.seed() % 2**31 if seed is None else seed
-    print(f"input seed: {seed}")
-    return torch.Generator().manual_seed(seed)
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-IGNORE = -100
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,5 @@
 """fused_linear_logprobs against a float64 reference (full logits, log_softmax) written here."""
 
-
 import pytest
 import torch
 
@@ -9,7 +8,6 @@ from rlhfkit.kernels import logprobs as logprobs_module
 from kernel_testing import BACKENDS, IGNORE, fresh_generator
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,5 @@
 """kl_from_logprobs and full_kl_from_logits against float64 references written here."""
 
-
 import pytest
 import torch
 
@@ -10,7 +9,6 @@ from rlhfkit.kernels import logprobs as logprobs_module
 from kernel_testing import BACKENDS, DTYPES, fresh_generator
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
 
 
 @pytest.fixture(autouse=True)

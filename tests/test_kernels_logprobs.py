@@ -7,7 +7,6 @@ rounding for every input dtype; gradients come back in the input dtype and are h
 that dtype's rounding.
 """
 
-
 import pytest
 import torch
 
@@ -17,7 +16,6 @@ from kernel_testing import BACKENDS, DTYPES, IGNORE, fresh_generator
 
 # The interpreter evaluates masked-out lanes too (0 * -inf on masked vocabulary), which numpy reports.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
 
 
 @pytest.fixture(autouse=True)

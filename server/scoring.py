@@ -10,6 +10,17 @@ from rlhfkit.kernels import (KL_ESTIMATORS, SamplingParamsError, full_kl_from_lo
 from rlhfkit.server.models import LoadedModel
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(rows), longest], real tokens first."""
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return ids, mask
+
+
 def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
     """Rewards for (prompt, response) pairs, batched with right padding. The model reads
     the reward at the last non-padding token (AutoModelForSequenceClassification's rule),
@@ -29,13 +40,7 @@ def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch
     rewards: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            L = max(map(len, chunk))
-            ids = torch.full((len(chunk), L), rm.model.config.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for i, x in enumerate(chunk):
-                ids[i, :len(x)] = torch.tensor(x)
-                mask[i, :len(x)] = 1
+            ids, mask = right_padded(encoded[start:start + batch_size], rm.model.config.pad_token_id)
             out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device))
             rewards += (out.logits[:, 0].float() + bias).tolist()
     return rewards
@@ -53,13 +58,9 @@ def token_scores(policy: LoadedModel, reference: LoadedModel | None,
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            L = max(len(p) + len(r) for p, r in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            labels = torch.full((len(chunk), L), -100, dtype=torch.long)
+            ids, mask = right_padded([p + r for p, r in chunk], pad)
+            labels = torch.full(ids.shape, -100, dtype=torch.long)
             for i, (p, r) in enumerate(chunk):
-                ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-                mask[i, :len(p) + len(r)] = 1
                 labels[i, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r)
             logits = policy.model(input_ids=ids.to(policy.device), attention_mask=mask.to(policy.device)).logits
             labels = labels.to(logits.device)

@@ -50,6 +50,9 @@ STATUS_FOR = {
 }
 REQUEST_ERRORS = tuple(STATUS_FOR)
 
+# TokenScores names the sums of its plural per-token fields in the singular.
+SUM_FIELD = {"logprobs": "logprob_sum", "ref_logprobs": "ref_logprob_sum"}
+
 FINISH_REASONS = {
     "length": gen_pb.FINISH_REASON_LENGTH,
     "stop": gen_pb.FINISH_REASON_STOP,
@@ -260,8 +263,8 @@ class RewardService(reward_grpc.RewardServicer):
         results = []
         for (_, r), sc in zip(items, scores):
             ts = reward_pb.TokenScores(token_ids=r, **sc)
-            for key in sc:
-                setattr(ts, f"{key.removesuffix('s')}_sum", sum(sc[key]))
+            for key, values in sc.items():
+                setattr(ts, SUM_FIELD.get(key, f"{key}_sum"), sum(values))
             results.append(ts)
         return reward_pb.LogProbsResponse(results=results, model_version=policy.model_version,
                                           reference_version=reference.model_version if reference else "")

@@ -58,7 +58,6 @@ class Sequence:
     generator: torch.Generator | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""
     emitted_chars: int = 0
     finish_reason: str | None = None
     stop_reason: str = ""
@@ -163,10 +162,6 @@ class Engine:
         with self._cv:
             self._draining = True
             self._cv.notify()
-
-    @property
-    def stopped(self) -> bool:
-        return not self._thread.is_alive()
 
     def shutdown(self):
         with self._cv:
@@ -339,5 +334,4 @@ class Engine:
                 end -= 1  # a multi-byte character still being assembled
         new = text[seq.emitted_chars:end] if end > seq.emitted_chars else ""
         seq.emitted_chars = max(seq.emitted_chars, end)
-        seq.text = text[:seq.emitted_chars] if not seq.finish_reason else text
         return new

@@ -119,10 +119,6 @@ class VllmEngine:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     @property
-    def stopped(self) -> bool:
-        return self._stopped
-
-    @property
     def num_running(self) -> int:
         return len(self._tasks)
 

@@ -74,10 +74,6 @@ class ModelRegistry:
                 raise
             return None
 
-    def roles_of(self, name: str) -> list[str]:
-        with self._lock:
-            return [r for r in ROLES if self.roles.get(r) == name]
-
     def snapshot(self) -> tuple[dict[str, LoadedModel], dict[str, str], list[LoadFailure]]:
         with self._lock:
             return dict(self.models), dict(self.roles), list(self.failures.values())

@@ -1,7 +1,8 @@
 """The `rlhfkit` command line.
 
 Client commands (generate, score, compare, models) talk to a running server and need only
-grpc; `serve`, `train` and `init-demo` import the server or the training module when run.
+grpc; `serve`, `train`, `quickstart` and `init-demo` import the server or the training
+module when run.
 """
 
 from __future__ import annotations
@@ -234,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train SFT / reward model / PPO / DPO checkpoints (`rlhfkit train --help`)",
                    add_help=False)
+    sub.add_parser("quickstart", help="SFT -> reward model -> PPO on the bundled task from scratch, evaluated, "
+                   "with a report (`rlhfkit quickstart --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("serve", "train"):
+    if argv and argv[0] in ("serve", "train", "quickstart"):
         try:
             if argv[0] == "serve":
                 # A server shares its cores with gRPC threads (and often with its clients):
@@ -247,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Read when torch loads OpenMP, hence before the import; the user's value wins.
                 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 from rlhfkit.server.app import main as command_main
-            else:
+            elif argv[0] == "train":
                 from rlhfkit.training.cli import main as command_main
+            else:
+                from rlhfkit.training.cli import quickstart_main as command_main
         except ImportError as e:  # a client-only install lacks torch / transformers
             sys.exit(f"rlhfkit {argv[0]} needs the full install (torch, transformers): {e}")
         return command_main(argv[1:])

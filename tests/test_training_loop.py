@@ -1,49 +1,98 @@
-"""The whole loop on the bundled task in miniature: every stage publishes into a store the
-server can read, and the gold utility is what transformers' own decoding scores."""
+"""The quickstart in miniature: every stage publishes into a store the server can read; the
+gold utility, win rate and KL equal what transformers' own decoding and float64 give."""
 
 import json
+import math
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhfkit.clients.cli import main as cli_main
 from rlhfkit.training import task
 from rlhfkit.training.checkpoint import read_info
 from rlhfkit.training.cli import main as train_main
 from rlhfkit.training.data import read_jsonl
-from rlhfkit.training.loop import gold_utility
+from rlhfkit.training.loop import gold_utility, load_policy, mean_kl, sample_batches, win_rate
 
 
-def test_loop_in_miniature(tmp_path, capsys):
-    work = tmp_path / "work"
-    assert train_main(["loop", "--workdir", str(work), "--hidden-size", "32", "--num-layers", "1",
-                       "--sft-steps", "3", "--ppo-iterations", "1", "--batch-size", "16", "--n-sft", "48",
-                       "--n-pairs", "16", "--n-prompts", "16", "--n-eval", "6", "--device", "cpu",
-                       "--no-progress"]) == 0
-    stages = {name: read_info(work / "store" / name)["stage"] for name in ("sft-1", "rm-1", "ppo-1", "dpo-1")}
+def test_quickstart_in_miniature(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert cli_main(["quickstart", "--out", str(out), "--hidden-size", "32", "--num-layers", "1", "--sft-steps", "3",
+                     "--ppo-iterations", "1", "--batch-size", "16", "--n-sft", "48", "--n-pairs", "16",
+                     "--n-prompts", "16", "--n-eval", "6", "--eval-samples", "2", "--dpo", "--device", "cpu",
+                     "--no-progress"]) == 0
+    store = out / "store"
+    stages = {name: read_info(store / name)["stage"] for name in ("sft-1", "rm-1", "ppo-1", "dpo-1")}
     assert stages == {"sft-1": "sft", "rm-1": "rm", "ppo-1": "ppo", "dpo-1": "dpo"}
-    assert read_info(work / "store" / "ppo-1")["parent"] == str(work / "store" / "sft-1")
-    report = json.loads((work / "report.json").read_text())
-    assert set(report["stages"]) == {"sft", "rm", "ppo", "dpo"}
-    for name in ("sft", "ppo", "dpo"):
-        assert 0.0 <= report["stages"][name]["gold_greedy"] <= 1.0
+    assert read_info(store / "ppo-1")["parent"] == str(store / "sft-1")
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["win_rate_ppo_vs_sft"] <= 1.0 and 0.0 <= report["rm_pairwise_accuracy"] <= 1.0
+    assert report["elapsed_seconds"] > 0 and report["mean_kl"] == report["mean_kl"]  # not NaN
+    assert report["checkpoints"] == {"sft": str(store / "sft-1"), "rm": str(store / "rm-1"),
+                                     "ppo": str(store / "ppo-1"), "dpo": str(store / "dpo-1")}
+    ppo = report["comparisons_vs_sft"]["ppo"]
+    assert ppo["wins"] + ppo["ties"] + ppo["losses"] == ppo["pairs"] == 6 * 2
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{100 * report['win_rate_ppo_vs_sft']:.1f}%" in (out / "report.md").read_text()
+    assert "rlhfkit serve --store" in capsys.readouterr().out
 
     # gold_utility against transformers' greedy decoding, prompt by prompt
-    sft = work / "store" / "sft-1"
-    prompts = [r["prompt"] for r in read_jsonl(work / "data" / "prompts_eval.jsonl", "prompts")]
-    tok = AutoTokenizer.from_pretrained(sft)
-    model = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
-    expected = 0.0
+    sft = store / "sft-1"
+    prompts = [r["prompt"] for r in read_jsonl(out / "data" / "prompts_eval.jsonl", "prompts")]
+    greedy = {name: hf_greedy_texts(store / name, prompts) for name in ("sft-1", "ppo-1")}
+    expected = sum(task.utility(p, t) for p, t in zip(prompts, greedy["sft-1"])) / len(prompts)
+    assert abs(gold_utility(sft, prompts) - expected) < 1e-9
+    assert abs(report["gold_utility"]["sft"]["greedy"] - expected) < 1e-9
+    assert train_main(["eval", "--policy", str(sft), "--prompts-file", str(out / "data" / "prompts_eval.jsonl"),
+                       "--device", "cpu"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["gold_utility"] - expected) < 1e-9
+
+    # win rate, greedy (so transformers can decode it too): the annotators' expected vote by hand
+    deltas = [task.utility(p, a) - task.utility(p, b) for p, a, b in zip(prompts, greedy["ppo-1"], greedy["sft-1"])]
+    result = win_rate(store / "ppo-1", sft, prompts, samples_per_prompt=1, temperature=0.0, annotator_temperature=0.1)
+    assert abs(result["win_rate"] - sum(1 / (1 + math.exp(-d / 0.1)) for d in deltas) / len(deltas)) < 1e-12
+    assert (result["wins"], result["ties"], result["losses"]) == (sum(d > 0 for d in deltas),
+                                                                  sum(d == 0 for d in deltas),
+                                                                  sum(d < 0 for d in deltas))
+    # a policy against itself, same seed: identical samples, every pair a tie
+    assert win_rate(sft, sft, prompts, samples_per_prompt=3)["win_rate"] == 0.5
+
+
+def hf_greedy_texts(policy_dir, prompts, max_new_tokens=16):
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    texts = []
     for p in prompts:
         ids = torch.tensor([tok(p)["input_ids"]])
-        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
-        expected += task.utility(p, tok.decode(out, skip_special_tokens=True))
-    assert abs(gold_utility(sft, prompts) - expected / len(prompts)) < 1e-9
-    assert abs(report["stages"]["sft"]["gold_greedy"] - expected / len(prompts)) < 1e-9
-    capsys.readouterr()
-    assert train_main(["eval", "--policy", str(sft), "--prompts-file", str(work / "data" / "prompts_eval.jsonl"),
-                       "--device", "cpu"]) == 0
-    assert abs(json.loads(capsys.readouterr().out)["gold_utility"] - expected / len(prompts)) < 1e-9
+        texts.append(tok.decode(out, skip_special_tokens=True))
+    return texts
+
+
+def test_mean_kl_against_float64(tmp_path):
+    """mean_kl's per-response Σ log π - log π_ref on the policy's own samples, recomputed
+    from plain float64 log-softmax over transformers' logits."""
+    from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(300))
+    a = make_tiny_checkpoint(tmp_path / "a", tokenizer=tokenizer, hidden_size=32, num_layers=1, seed=1)
+    b = make_tiny_checkpoint(tmp_path / "b", tokenizer=tokenizer, hidden_size=32, num_layers=1, seed=2)
+    prompts = [r["prompt"] for r in task.prompt_records(5, seed=3)]
+    policy, tok = load_policy(a)
+    reference, _ = load_policy(b)
+    generator = torch.Generator().manual_seed(7)
+    (_, ids, mask, responses, response_mask, _), = sample_batches(policy, tok, prompts, 1.0, generator, "cpu", 6)
+    total = 0.0
+    for row in range(len(prompts)):
+        prompt_ids, response = ids[row][mask[row].bool()], responses[row][response_mask[row].bool()]
+        full = torch.cat([prompt_ids, response])[None]
+        for model, sign in ((policy, 1.0), (reference, -1.0)):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(full).logits[0].double(), -1)
+            total += sign * logp[len(prompt_ids) - 1:-1].gather(-1, response[:, None]).sum().item()
+    assert abs(mean_kl(a, b, prompts, seed=7, max_new_tokens=6) - total / len(prompts)) < 1e-4
+    assert mean_kl(a, a, prompts) == 0.0
 
 
 def test_label_ranks_the_policys_own_samples(tmp_path):

@@ -5,7 +5,8 @@
     task.py        the bundled task and its simulated demonstrators and annotators
     checkpoint.py  atomic publish of a checkpoint with rlhfkit.json
     sft.py rm.py dpo.py ppo.py   one config dataclass and one train_* function each
-    loop.py        label a policy's samples, gold-score a policy, run the whole loop
+    loop.py        label a policy's samples; judge policies (gold utility, win rate, KL)
+    quickstart.py  `rlhfkit quickstart`: SFT -> RM -> PPO from scratch, evaluated, with a report
     cli.py         `rlhfkit train <stage>`, generated from the config dataclasses
     ops.py         the one import point of the shared kernels
     tiny.py        tiny random checkpoints and tokenizers (no downloads)

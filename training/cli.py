@@ -21,7 +21,6 @@ STAGES = {
     "ppo": ("rlhfkit.training.ppo", "PPOConfig", "train_ppo"),
     "label": ("rlhfkit.training.loop", "LabelConfig", "label_policy_samples"),
     "eval": ("rlhfkit.training.loop", "EvalConfig", "evaluate_policy"),
-    "loop": ("rlhfkit.training.loop", "LoopConfig", "run_loop"),
 }
 
 
@@ -50,6 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         stage_parser.error(str(e))
     result = train_fn(config)
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def quickstart_main(argv: list[str] | None = None) -> int:
+    from rlhfkit.training.quickstart import QuickstartConfig, run_quickstart
+
+    doc = QuickstartConfig.__doc__.strip()
+    parser = argparse.ArgumentParser(prog="rlhfkit quickstart", description=doc + " Serve the result with "
+                                     "`rlhfkit serve --store OUT/store`.")
+    add_dataclass_arguments(parser, QuickstartConfig)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = dataclass_from_args(QuickstartConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    print(json.dumps(run_quickstart(config), indent=2, default=str))
     return 0
 
 

@@ -1,18 +1,14 @@
-"""The whole InstructGPT loop on the bundled task, in one command, with the gold score.
-
-    data -> SFT -> label SFT samples -> RM -> PPO (and DPO) -> a model store the server can serve
-
-Each policy is judged by the task's hidden utility (what the simulated annotators prefer),
-greedy and sampled, on held-out prompts, so one can see what each stage buys. The store's
-layout is the server's (ARCHITECTURE.md, Checkpoints): <store>/sft-1, rm-1, ppo-1, dpo-1.
-Without --model, a tiny random Llama is built first (nothing is downloaded).
+"""The annotators' side of the loop on the bundled task: sample a policy, rank its samples
+(InstructGPT's labeling step), and judge policies by the hidden utility the annotators
+follow: gold utility, the annotators' win rate of one policy over another, and the KL
+between them. `rlhfkit quickstart` (training/quickstart.py) strings these together with
+the trainers.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,56 +18,85 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from . import task
 from .common import batched, encode, pick_device
 from .data import read_jsonl, write_jsonl
-from .dpo import DPOConfig, train_dpo
-from .ppo import PPOConfig, decode_responses, generate, response_mask_of, train_ppo
-from .rm import RMConfig, train_rm
-from .sft import SFTConfig, train_sft
+from .ppo import decode_responses, generate, response_logprobs, response_mask_of
 
 
-@dataclass
-class LoopConfig:
-    """Run data -> SFT -> label -> RM -> PPO (-> DPO) on the bundled task and report the gold utility of each policy."""
-
-    workdir: str = field(metadata={"help": "data/, store/ (the checkpoints) and runs/ (metrics) go here"})
-    model: str | None = field(default=None, metadata={"help": "policy to start from (default: build a tiny random Llama)"})
-    hidden_size: int = field(default=128, metadata={"help": "tiny model width (without --model)"})
-    num_layers: int = field(default=4, metadata={"help": "tiny model depth (without --model)"})
-    sft_steps: int = field(default=300, metadata={"help": "SFT steps"})
-    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
-    rm_epochs: float = field(default=1.0, metadata={"help": "reward model epochs over the preference pairs"})
-    rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
-    ppo_iterations: int = field(default=200, metadata={"help": "PPO iterations (0: skip PPO)"})
-    ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
-    kl_coef: float = field(default=0.1, metadata={"help": "PPO KL penalty"})
-    dpo: bool = field(default=True, metadata={"help": "also train a DPO policy from the SFT one"})
-    dpo_learning_rate: float = field(default=1e-4, metadata={"help": "DPO peak learning rate"})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta"})
-    k: int = field(default=4, metadata={"help": "SFT samples ranked per prompt for the reward model"})
-    batch_size: int = field(default=32, metadata={"help": "batch size of every stage"})
-    n_sft: int = field(default=2000, metadata={"help": "demonstrations"})
-    n_pairs: int = field(default=2000, metadata={"help": "preference pairs"})
-    n_prompts: int = field(default=500, metadata={"help": "PPO prompts"})
-    n_eval: int = field(default=200, metadata={"help": "held-out prompts for the gold utility"})
-    seed: int = field(default=0, metadata={"help": "seed of the data and the runs"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+def load_policy(policy_dir: str | Path, device="cpu"):
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device).eval()
+    return policy, tokenizer
 
 
 @torch.no_grad()
+def sample_batches(policy, tokenizer, prompts: list[str], temperature: float, generator, device,
+                   max_new_tokens: int = 16, batch_size: int = 64):
+    """Yield (prompts_text, prompt_ids, prompt_mask, response_ids, response_mask, texts) per batch:
+    one response per prompt (repeat a prompt for more), sampled the way PPO's rollouts are
+    (greedy at temperature 0)."""
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    for chunk in batched(prompts, batch_size):
+        ids, mask, responses = generate(policy, [encode(tokenizer, p) for p in chunk], max_new_tokens, temperature,
+                                        eos_id, pad_id, generator, device)
+        response_mask = response_mask_of(responses, eos_id)
+        yield chunk, ids, mask, responses, response_mask, decode_responses(tokenizer, responses, response_mask, eos_id)
+
+
+def sample_texts(policy, tokenizer, prompts: list[str], temperature: float, seed: int, device, **kwargs) -> list[str]:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [t for *_, texts in sample_batches(policy, tokenizer, prompts, temperature, generator, device, **kwargs)
+            for t in texts]
+
+
 def gold_utility(policy_dir: str | Path, prompts: list[str], temperature: float = 0.0, max_new_tokens: int = 16,
                  seed: int = 0, device="cpu") -> float:
     """Mean task.utility of the policy's responses (greedy at temperature 0)."""
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device).eval()
+    policy, tokenizer = load_policy(policy_dir, device)
+    texts = sample_texts(policy, tokenizer, prompts, temperature, seed, device, max_new_tokens=max_new_tokens)
+    return sum(task.utility(p, t) for p, t in zip(prompts, texts)) / len(prompts)
+
+
+def win_rate(policy_dir: str | Path, baseline_dir: str | Path, prompts: list[str], samples_per_prompt: int = 4,
+             temperature: float = 1.0, annotator_temperature: float = 0.1, seed: int = 0, device="cpu",
+             max_new_tokens: int = 16) -> dict:
+    """How often the annotators prefer the policy's response to the baseline's, the way
+    InstructGPT reports its win rate over GPT-3: each prompt gets samples_per_prompt
+    responses from each policy, paired in order, and each pair counts the probability that
+    a noisy annotator picks the policy's response, σ((u_policy - u_baseline) / τ) (an exact
+    tie is ½). That is the expected vote, so no coin flips add noise to the estimate.
+    Also returns the noiseless wins / ties / losses and each policy's mean utility."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    utilities = []
+    for directory in (policy_dir, baseline_dir):
+        policy, tokenizer = load_policy(directory, device)
+        texts = sample_texts(policy, tokenizer, repeated, temperature, seed, device, max_new_tokens=max_new_tokens)
+        utilities.append([task.utility(p, t) for p, t in zip(repeated, texts)])
+    deltas = [a - b for a, b in zip(*utilities)]
+    if annotator_temperature > 0:
+        votes = [1.0 / (1.0 + math.exp(-d / annotator_temperature)) for d in deltas]
+    else:
+        votes = [1.0 if d > 0 else 0.0 if d < 0 else 0.5 for d in deltas]
+    n = len(deltas)
+    return {"win_rate": sum(votes) / n, "wins": sum(d > 0 for d in deltas), "ties": sum(d == 0 for d in deltas),
+            "losses": sum(d < 0 for d in deltas), "pairs": n,
+            "utility_policy": sum(utilities[0]) / n, "utility_baseline": sum(utilities[1]) / n}
+
+
+@torch.no_grad()
+def mean_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[str], temperature: float = 1.0,
+            seed: int = 0, device="cpu", max_new_tokens: int = 16) -> float:
+    """KL(policy || reference) per response in nats: the mean over the policy's own samples of
+    Σ_t log π(y_t) - log π_ref(y_t) (the k1 estimate PPO penalises, unbiased for the
+    sequence KL), log-probs through the fused kernel."""
+    policy, tokenizer = load_policy(policy_dir, device)
+    reference, _ = load_policy(reference_dir, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     total = 0.0
-    for chunk in batched(prompts, 64):
-        _, _, responses = generate(policy, [encode(tokenizer, p) for p in chunk], max_new_tokens, temperature, eos_id,
-                                   pad_id, generator, device)
-        texts = decode_responses(tokenizer, responses, response_mask_of(responses, eos_id), eos_id)
-        total += sum(task.utility(p, t) for p, t in zip(chunk, texts))
+    for _, ids, mask, responses, response_mask, _ in sample_batches(policy, tokenizer, prompts, temperature,
+                                                                     generator, device, max_new_tokens):
+        logprobs = response_logprobs(policy, ids, mask, responses, response_mask, temperature)
+        ref_logprobs = response_logprobs(reference, ids, mask, responses, response_mask, temperature)
+        total += ((logprobs - ref_logprobs) * response_mask).sum().item()
     return total / len(prompts)
 
 
@@ -113,110 +138,23 @@ class LabelConfig:
             raise ValueError(f"k must be >= 2 to rank, got {self.k}")
 
 
-@torch.no_grad()
 def label_policy_samples(config: LabelConfig) -> dict:
     """The InstructGPT labeling step: rankings of the policy's own samples, so the reward
     model learns on the distribution PPO will visit. Duplicate samples are merged; prompts
     left with one distinct response are skipped."""
     device = pick_device(config.device)
-    tokenizer = AutoTokenizer.from_pretrained(config.policy)
-    policy = AutoModelForCausalLM.from_pretrained(config.policy, dtype=torch.float32).to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    policy, tokenizer = load_policy(config.policy, device)
     rng = random.Random(config.seed)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]
+    texts = sample_texts(policy, tokenizer, [p for p in prompts for _ in range(config.k)], config.temperature,
+                         config.seed, device, max_new_tokens=config.max_new_tokens)
     records = []
-    for chunk in batched(prompts, max(1, 64 // config.k)):
-        repeated = [p for p in chunk for _ in range(config.k)]
-        _, _, responses = generate(policy, [encode(tokenizer, p) for p in repeated], config.max_new_tokens,
-                                   config.temperature, eos_id, pad_id, generator, device)
-        texts = decode_responses(tokenizer, responses, response_mask_of(responses, eos_id), eos_id)
-        for i, prompt in enumerate(chunk):
-            distinct = list(dict.fromkeys(texts[i * config.k:(i + 1) * config.k]))
-            if len(distinct) >= 2:
-                ranking = task.annotator_ranking(prompt, distinct, rng, config.annotator_temperature)
-                records.append({"prompt": prompt, "responses": ranking})
+    for i, prompt in enumerate(prompts):
+        distinct = list(dict.fromkeys(texts[i * config.k:(i + 1) * config.k]))
+        if len(distinct) >= 2:
+            ranking = task.annotator_ranking(prompt, distinct, rng, config.annotator_temperature)
+            records.append({"prompt": prompt, "responses": ranking})
     write_jsonl(config.output_file, records)
     return {"rankings": len(records), "skipped": len(prompts) - len(records), "output_file": config.output_file}
 
-
-def run_loop(config: LoopConfig) -> dict:
-    work = Path(config.workdir)
-    store, runs = work / "store", work / "runs"
-    device = str(pick_device(config.device))
-    files = {k: str(v) for k, v in task.write_task_data(
-        work / "data", n_sft=config.n_sft, n_pairs=config.n_pairs, n_rankings=100, n_prompts=config.n_prompts,
-        n_eval=config.n_eval, seed=config.seed).items()}
-    base = config.model
-    if base is None:
-        from .tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
-
-        tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(2000))
-        base = str(make_tiny_checkpoint(work / "base", tokenizer=tokenizer, seed=config.seed,
-                                        hidden_size=config.hidden_size, num_layers=config.num_layers))
-    common = dict(batch_size=config.batch_size, seed=config.seed, device=config.device, progress=config.progress,
-                  overwrite=True)
-    eval_prompts = [r["prompt"] for r in read_jsonl(files["prompts_eval"], "prompts")]
-    report: dict = {"stages": {}}
-
-    def judge(name: str, policy_dir: str, metrics: dict, seconds: float):
-        report["stages"][name] = {
-            "checkpoint": policy_dir, "seconds": round(seconds, 1), "metrics": metrics,
-            "gold_greedy": gold_utility(policy_dir, eval_prompts, 0.0, device=device),
-            "gold_sampled": gold_utility(policy_dir, eval_prompts, 1.0, seed=config.seed, device=device)}
-        print(f"[loop] {name}: gold utility greedy {report['stages'][name]['gold_greedy']:.3f}, "
-              f"sampled {report['stages'][name]['gold_sampled']:.3f}", flush=True)
-
-    start = time.time()
-    sft = str(store / "sft-1")
-    metrics = train_sft(SFTConfig(model=base, train_file=files["sft"], eval_file=files["sft_eval"], output_dir=sft,
-                                  max_steps=config.sft_steps, learning_rate=config.sft_learning_rate,
-                                  log_every=25, log_dir=str(runs / "sft-1"), **common))
-    judge("sft", sft, metrics, time.time() - start)
-
-    # Labeling (InstructGPT): the annotators rank K samples of the SFT policy per prompt, so
-    # the RM learns on what PPO will visit; the task's synthetic pairs are mixed in as
-    # rankings of two. Held out: noiseless rankings of SFT samples for other prompts.
-    start = time.time()
-    label = dict(policy=sft, k=config.k, seed=config.seed, device=config.device)
-    label_policy_samples(LabelConfig(prompts_file=files["prompts"], output_file=str(work / "data" / "sft_rankings.jsonl"),
-                                     **label))
-    label_policy_samples(LabelConfig(prompts_file=files["prompts_eval"], annotator_temperature=0.0,
-                                     output_file=str(work / "data" / "sft_rankings_eval.jsonl"), **label))
-    rm_train = work / "data" / "rm_train.jsonl"
-    write_jsonl(rm_train, read_jsonl(work / "data" / "sft_rankings.jsonl", "rankings")
-                + [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
-                   for r in read_jsonl(files["preferences"], "preferences")])
-    rm = str(store / "rm-1")
-    metrics = train_rm(RMConfig(model=sft, train_file=str(rm_train), eval_file=str(work / "data" / "sft_rankings_eval.jsonl"),
-                                data_format="rankings", sft_file=files["sft_eval"], output_dir=rm,
-                                num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, log_every=10,
-                                log_dir=str(runs / "rm-1"), **common))
-    report["stages"]["rm"] = {"checkpoint": rm, "seconds": round(time.time() - start, 1), "metrics": metrics}
-    print(f"[loop] rm: pairwise accuracy on held-out SFT samples {metrics.get('eval_accuracy', float('nan')):.3f} "
-          "(noiseless labels; tied pairs count ½)", flush=True)
-
-    if config.ppo_iterations > 0:
-        start = time.time()
-        ppo = str(store / "ppo-1")
-        ppo_common = {k: v for k, v in common.items() if k != "batch_size"}
-        metrics = train_ppo(PPOConfig(model=sft, reward_model=rm, prompts_file=files["prompts"],
-                                      eval_prompts_file=files["prompts_eval"], output_dir=ppo,
-                                      num_iterations=config.ppo_iterations, rollout_batch_size=config.batch_size,
-                                      minibatch_size=max(1, config.batch_size // 2), max_new_tokens=16,
-                                      learning_rate=config.ppo_learning_rate, kl_coef=config.kl_coef,
-                                      log_dir=str(runs / "ppo-1"), **ppo_common))
-        judge("ppo", ppo, metrics, time.time() - start)
-
-    if config.dpo:
-        start = time.time()
-        dpo = str(store / "dpo-1")
-        metrics = train_dpo(DPOConfig(model=sft, train_file=files["preferences"], eval_file=files["preferences_eval"],
-                                      output_dir=dpo, num_epochs=1.0, learning_rate=config.dpo_learning_rate,
-                                      beta=config.beta, log_every=10, log_dir=str(runs / "dpo-1"), **common))
-        judge("dpo", dpo, metrics, time.time() - start)
-
-    (work / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return {name: {k: v for k, v in stage.items() if k != "metrics"} for name, stage in report["stages"].items()}
 

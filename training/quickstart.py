@@ -1,0 +1,241 @@
+"""`rlhfkit quickstart --out DIR`: InstructGPT's three steps on the bundled task, from
+nothing, on a laptop CPU.
+
+    task data + a tokenizer + a small Llama trained from scratch
+      -> SFT on the careless demonstrators' answers
+      -> the annotators rank K samples of the SFT policy per prompt -> reward model
+      -> PPO against the reward model, per-token KL penalty to the SFT policy
+      -> held-out evaluation: the annotators' win rate of PPO over SFT, the reward model's
+         pairwise accuracy, KL(PPO || SFT)
+      -> DIR/report.md, DIR/report.png, DIR/report.json
+
+DIR/store is a model store as the server reads it (ARCHITECTURE.md, Checkpoints):
+`rlhfkit serve --store DIR/store` serves the PPO policy, the SFT reference and the RM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import task
+from .common import pick_device
+from .data import read_jsonl, write_jsonl
+from .dpo import DPOConfig, train_dpo
+from .loop import LabelConfig, gold_utility, label_policy_samples, mean_kl, win_rate
+from .ppo import PPOConfig, train_ppo
+from .rm import RMConfig, train_rm
+from .sft import SFTConfig, train_sft
+
+
+@dataclass
+class QuickstartConfig:
+    """SFT -> reward model -> PPO on the bundled task with a small model trained from scratch, then the
+    annotators' win rate of PPO over SFT on held-out prompts, in a report (markdown, PNG, JSON)."""
+
+    out: str = field(metadata={"help": "output directory: data/, store/ (checkpoints), runs/ (curves), report.*"})
+    model: str | None = field(default=None, metadata={"help": "policy to start from (default: a small Llama from scratch, tokenizer included)"})
+    hidden_size: int = field(default=128, metadata={"help": "width of the model from scratch"})
+    num_layers: int = field(default=4, metadata={"help": "depth of the model from scratch"})
+    n_sft: int = field(default=2000, metadata={"help": "demonstrations (a fifth of them with a mistake)"})
+    sft_steps: int = field(default=300, metadata={"help": "SFT steps"})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
+    n_prompts: int = field(default=500, metadata={"help": "prompts whose SFT samples the annotators rank, and PPO's prompts"})
+    k: int = field(default=4, metadata={"help": "SFT samples ranked per prompt (InstructGPT: 4 to 9)"})
+    n_pairs: int = field(default=2000, metadata={"help": "synthetic preference pairs mixed into the RM data"})
+    rm_epochs: float = field(default=1.0, metadata={"help": "reward model epochs"})
+    rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
+    ppo_iterations: int = field(default=200, metadata={"help": "PPO iterations"})
+    ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
+    kl_coef: float = field(default=0.1, metadata={"help": "PPO per-token KL penalty"})
+    batch_size: int = field(default=32, metadata={"help": "batch size of every stage (PPO: prompts per rollout)"})
+    n_eval: int = field(default=200, metadata={"help": "held-out prompts of the evaluation"})
+    eval_samples: int = field(default=4, metadata={"help": "sampled response pairs per held-out prompt for the win rate"})
+    annotator_temperature: float = field(default=0.1, metadata={"help": "annotator noise: P(a > b) = sigmoid((u_a - u_b) / T)"})
+    dpo: bool = field(default=False, metadata={"help": "also train a DPO policy from the SFT one and judge it the same way"})
+    seed: int = field(default=0, metadata={"help": "seed of the data, the model and every run"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        for name in ("n_sft", "sft_steps", "n_prompts", "ppo_iterations", "batch_size", "n_eval", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 to rank, got {self.k}")
+
+
+def run_quickstart(config: QuickstartConfig) -> dict:
+    c, started = config, time.time()
+    out = Path(c.out)
+    store, runs, data = out / "store", out / "runs", out / "data"
+    device = str(pick_device(c.device))
+    files = {k: str(v) for k, v in task.write_task_data(data, n_sft=c.n_sft, n_pairs=c.n_pairs, n_rankings=100,
+                                                         n_prompts=c.n_prompts, n_eval=c.n_eval, seed=c.seed).items()}
+    eval_prompts = [r["prompt"] for r in read_jsonl(files["prompts_eval"], "prompts")]
+    base = c.model
+    if base is None:
+        from .tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
+
+        tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(2000))
+        base = str(make_tiny_checkpoint(out / "base", tokenizer=tokenizer, seed=c.seed, hidden_size=c.hidden_size,
+                                        num_layers=c.num_layers))
+    common = dict(batch_size=c.batch_size, seed=c.seed, device=c.device, progress=c.progress, overwrite=True)
+    checkpoints = {name: str(store / f"{name}-1") for name in ("sft", "rm", "ppo")}
+    seconds: dict[str, float] = {}
+
+    def stage(name: str):
+        seconds[name] = round(time.time() - stage_start[0], 1)
+        stage_start[0] = time.time()
+        print(f"[quickstart] {name} done in {seconds[name]:.0f}s", flush=True)
+
+    stage_start = [time.time()]
+    sft_metrics = train_sft(SFTConfig(model=base, train_file=files["sft"], eval_file=files["sft_eval"],
+                                      output_dir=checkpoints["sft"], max_steps=c.sft_steps,
+                                      learning_rate=c.sft_learning_rate, log_every=25, log_dir=str(runs / "sft-1"),
+                                      **common))
+    stage("sft")
+
+    # Labeling (InstructGPT): the annotators rank K samples of the SFT policy per prompt, so
+    # the RM learns on what PPO will visit; the task's synthetic pairs are mixed in as
+    # rankings of two. Held out: noiseless rankings of SFT samples for other prompts.
+    label = dict(policy=checkpoints["sft"], k=c.k, seed=c.seed, device=c.device)
+    label_policy_samples(LabelConfig(prompts_file=files["prompts"], output_file=str(data / "sft_rankings.jsonl"),
+                                     annotator_temperature=c.annotator_temperature, **label))
+    label_policy_samples(LabelConfig(prompts_file=files["prompts_eval"], annotator_temperature=0.0,
+                                     output_file=str(data / "sft_rankings_eval.jsonl"), **label))
+    rm_train = write_jsonl(data / "rm_train.jsonl", read_jsonl(data / "sft_rankings.jsonl", "rankings")
+                           + [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
+                              for r in read_jsonl(files["preferences"], "preferences")])
+    rm_metrics = train_rm(RMConfig(model=checkpoints["sft"], train_file=str(rm_train),
+                                   eval_file=str(data / "sft_rankings_eval.jsonl"), data_format="rankings",
+                                   sft_file=files["sft_eval"], output_dir=checkpoints["rm"], num_epochs=c.rm_epochs,
+                                   learning_rate=c.rm_learning_rate, log_every=10, log_dir=str(runs / "rm-1"), **common))
+    stage("rm")
+
+    ppo_common = {k: v for k, v in common.items() if k != "batch_size"}
+    ppo_metrics = train_ppo(PPOConfig(model=checkpoints["sft"], reward_model=checkpoints["rm"],
+                                      prompts_file=files["prompts"], eval_prompts_file=files["prompts_eval"],
+                                      output_dir=checkpoints["ppo"], num_iterations=c.ppo_iterations,
+                                      rollout_batch_size=c.batch_size, minibatch_size=max(1, c.batch_size // 2),
+                                      max_new_tokens=16, learning_rate=c.ppo_learning_rate, kl_coef=c.kl_coef,
+                                      log_dir=str(runs / "ppo-1"), **ppo_common))
+    stage("ppo")
+
+    if c.dpo:
+        checkpoints["dpo"] = str(store / "dpo-1")
+        train_dpo(DPOConfig(model=checkpoints["sft"], train_file=files["preferences"],
+                            eval_file=files["preferences_eval"], output_dir=checkpoints["dpo"], num_epochs=1.0,
+                            log_every=10, log_dir=str(runs / "dpo-1"), **common))
+        stage("dpo")
+
+    # Held-out evaluation: sampled at temperature 1, the distribution PPO optimises.
+    judge = dict(prompts=eval_prompts, samples_per_prompt=c.eval_samples,
+                 annotator_temperature=c.annotator_temperature, seed=c.seed + 1, device=device)
+    versus_sft = {name: win_rate(checkpoints[name], checkpoints["sft"], **judge) for name in ("ppo", "dpo")
+                  if name in checkpoints}
+    gold = {name: {"greedy": gold_utility(checkpoints[name], eval_prompts, 0.0, device=device)}
+            for name in ("sft", "ppo", "dpo") if name in checkpoints}
+    kl = mean_kl(checkpoints["ppo"], checkpoints["sft"], eval_prompts, seed=c.seed + 2, device=device)
+    stage("evaluation")
+
+    report = {
+        "win_rate_ppo_vs_sft": versus_sft["ppo"]["win_rate"],
+        "rm_pairwise_accuracy": rm_metrics.get("eval_accuracy"),
+        "mean_kl": kl,
+        "elapsed_seconds": round(time.time() - started, 1),
+        "checkpoints": checkpoints,
+        "comparisons_vs_sft": versus_sft,
+        "gold_utility": {name: {**gold[name], "sampled": versus_sft[name]["utility_policy"] if name in versus_sft
+                                else next(iter(versus_sft.values()))["utility_baseline"]} for name in gold},
+        "stage_seconds": seconds,
+        "metrics": {"sft": sft_metrics, "rm": rm_metrics, "ppo": ppo_metrics},
+        "config": asdict(c),
+        "device": device,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot_report(runs, report, out / "report.png")
+    (out / "report.md").write_text(report_markdown(report, out))
+    print(f"[quickstart] PPO preferred over SFT {100 * report['win_rate_ppo_vs_sft']:.1f}% of the time; "
+          f"RM accuracy {report['rm_pairwise_accuracy']:.3f}; KL(PPO||SFT) {kl:.2f} nats; "
+          f"{report['elapsed_seconds']:.0f}s. Report: {out / 'report.md'}\n"
+          f"Serve it: rlhfkit serve --store {store}", flush=True)
+    return {k: report[k] for k in ("win_rate_ppo_vs_sft", "rm_pairwise_accuracy", "mean_kl", "elapsed_seconds",
+                                   "checkpoints")}
+
+
+def plot_report(runs: Path, report: dict, path: Path) -> Path:
+    """One figure of the three runs' curves, read back from their metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def rows(run: str) -> list[dict]:
+        lines = (runs / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    panels = [("SFT: loss", "sft-1", ["loss", "eval_loss"]),
+              ("reward model: pairwise accuracy", "rm-1", ["accuracy", "eval_accuracy"]),
+              ("PPO: reward-model score, gold utility (held out)", "ppo-1", ["score", "eval_score", "eval_task_utility"]),
+              ("PPO: KL to SFT per response (nats)", "ppo-1", ["kl"])]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (title, run, keys) in zip(axes.flat, panels):
+        data = rows(run)
+        for key in keys:
+            points = [(r["step"], r[key]) for r in data if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 5 else None, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"quickstart: PPO preferred over SFT {100 * report['win_rate_ppo_vs_sft']:.1f}% "
+                 f"(held-out prompts, simulated annotators)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(report: dict, out: Path) -> str:
+    ppo = report["comparisons_vs_sft"]["ppo"]
+    lines = [
+        "# rlhfkit quickstart",
+        "",
+        "SFT -> reward model -> PPO on the bundled task (training/task.py), with a small Llama trained from scratch; "
+        "simulated annotators stand in for people. Evaluated on held-out prompts, responses sampled at temperature 1.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| win rate of PPO over SFT (annotators' expected vote) | {100 * report['win_rate_ppo_vs_sft']:.1f}% |",
+        f"| noiseless pairs: PPO better / tie / SFT better | {ppo['wins']} / {ppo['ties']} / {ppo['losses']} |",
+        f"| reward model pairwise accuracy (held-out SFT samples, noiseless labels) | {report['rm_pairwise_accuracy']:.3f} |",
+        f"| KL(PPO ‖ SFT) per response | {report['mean_kl']:.3f} nats |",
+        f"| elapsed | {report['elapsed_seconds']:.0f} s on {report['device']} |",
+        "",
+        "Gold utility (the annotators' hidden score, 0 to 1) of each policy on the held-out prompts:",
+        "",
+        "| policy | greedy | sampled |",
+        "|---|---|---|",
+        *[f"| {name} | {g['greedy']:.3f} | {g['sampled']:.3f} |" for name, g in report["gold_utility"].items()],
+        "",
+        "![training curves](report.png)",
+        "",
+        "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()) + ".",
+        "",
+        "Checkpoints:",
+        "",
+        *[f"- {name}: `{path}`" for name, path in report["checkpoints"].items()],
+        "",
+        "Serve them (the store gives the PPO policy the policy role, SFT the reference, the RM the reward):",
+        "",
+        "```bash",
+        f"rlhfkit serve --store {out / 'store'}",
+        "rlhfkit generate $'sort the numbers: 7 3 9 1\\nanswer:' --temperature 1 --seed 0",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

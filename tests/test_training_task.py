@@ -32,6 +32,12 @@ def test_utility_by_hand():
     assert task.utility(c, " 4") == 1.0
     assert task.utility(c, " 3") == pytest.approx(0.75)
     assert task.utility(c, " four") == 0.0
+    # chatter before the answer costs 30%; the longest phrase is stripped, and only once
+    assert task.utility(p, " sure the answer is 1 2 3") == pytest.approx(0.7)
+    assert task.utility(p, " ok so 2 1 3") == pytest.approx(0.7 / 3)
+    assert task.utility(p, " sure sure 1 2 3") == 0.0  # a second "sure" is an item, and a wrong one
+    assert task.utility(c, " the answer is 4") == pytest.approx(0.7)
+    assert task.utility(p, " 1 2 3 sure") == pytest.approx(3 / 4)  # chatter after the answer is a wrong item
 
 
 def test_demonstrations_are_imperfect_at_the_stated_rate():
@@ -40,6 +46,15 @@ def test_demonstrations_are_imperfect_at_the_stated_rate():
     # a corruption can occasionally leave the answer right (swapping equal numbers)
     assert 0.15 < wrong / len(records) < 0.25
     assert all(task.utility(r["prompt"], r["completion"]) == 1.0 for r in task.sft_records(200, 4, error_rate=0.0))
+
+
+def test_demonstrators_chatter_at_the_stated_rate():
+    records = task.sft_records(2000, seed=3, error_rate=0.0, chatter_rate=0.6)
+    chatty = [task.strip_chatter(r["completion"].split())[0] for r in records]
+    assert 0.56 < sum(chatty) / len(chatty) < 0.64
+    for r, is_chatty in zip(records, chatty):  # chatty demonstrations are right, and worth 0.7
+        assert task.utility(r["prompt"], r["completion"]) == pytest.approx(0.7 if is_chatty else 1.0)
+    assert not any(task.strip_chatter(r["completion"].split())[0] for r in task.sft_records(200, 4))
 
 
 def test_annotator_is_noisy_like_bradley_terry():

@@ -64,13 +64,15 @@ def win_rate(policy_dir: str | Path, baseline_dir: str | Path, prompts: list[str
     responses from each policy, paired in order, and each pair counts the probability that
     a noisy annotator picks the policy's response, σ((u_policy - u_baseline) / τ) (an exact
     tie is ½). That is the expected vote, so no coin flips add noise to the estimate.
-    Also returns the noiseless wins / ties / losses and each policy's mean utility."""
+    Also returns the noiseless wins / ties / losses, each policy's mean utility and the
+    fraction of its responses wrapped in chatter."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    utilities = []
+    utilities, chatty = [], []
     for directory in (policy_dir, baseline_dir):
         policy, tokenizer = load_policy(directory, device)
         texts = sample_texts(policy, tokenizer, repeated, temperature, seed, device, max_new_tokens=max_new_tokens)
         utilities.append([task.utility(p, t) for p, t in zip(repeated, texts)])
+        chatty.append(sum(task.strip_chatter(t.split())[0] for t in texts) / len(texts))
     deltas = [a - b for a, b in zip(*utilities)]
     if annotator_temperature > 0:
         votes = [1.0 / (1.0 + math.exp(-d / annotator_temperature)) for d in deltas]
@@ -79,7 +81,8 @@ def win_rate(policy_dir: str | Path, baseline_dir: str | Path, prompts: list[str
     n = len(deltas)
     return {"win_rate": sum(votes) / n, "wins": sum(d > 0 for d in deltas), "ties": sum(d == 0 for d in deltas),
             "losses": sum(d < 0 for d in deltas), "pairs": n,
-            "utility_policy": sum(utilities[0]) / n, "utility_baseline": sum(utilities[1]) / n}
+            "utility_policy": sum(utilities[0]) / n, "utility_baseline": sum(utilities[1]) / n,
+            "chatty_policy": chatty[0], "chatty_baseline": chatty[1]}
 
 
 @torch.no_grad()

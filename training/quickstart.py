@@ -40,6 +40,7 @@ class QuickstartConfig:
     hidden_size: int = field(default=128, metadata={"help": "width of the model from scratch"})
     num_layers: int = field(default=4, metadata={"help": "depth of the model from scratch"})
     n_sft: int = field(default=2000, metadata={"help": "demonstrations (a fifth of them with a mistake)"})
+    chatter_rate: float = field(default=0.6, metadata={"help": "fraction of demonstrations wrapped in chatter the annotators dislike"})
     sft_steps: int = field(default=300, metadata={"help": "SFT steps"})
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
     n_prompts: int = field(default=500, metadata={"help": "prompts whose SFT samples the annotators rank, and PPO's prompts"})
@@ -63,6 +64,8 @@ class QuickstartConfig:
         for name in ("n_sft", "sft_steps", "n_prompts", "ppo_iterations", "batch_size", "n_eval", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.chatter_rate <= 1.0:
+            raise ValueError(f"chatter_rate must be in [0, 1], got {self.chatter_rate}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to rank, got {self.k}")
 
@@ -73,7 +76,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     store, runs, data = out / "store", out / "runs", out / "data"
     device = str(pick_device(c.device))
     files = {k: str(v) for k, v in task.write_task_data(data, n_sft=c.n_sft, n_pairs=c.n_pairs, n_rankings=100,
-                                                         n_prompts=c.n_prompts, n_eval=c.n_eval, seed=c.seed).items()}
+                                                         n_prompts=c.n_prompts, n_eval=c.n_eval, seed=c.seed,
+                                                         chatter_rate=c.chatter_rate).items()}
     eval_prompts = [r["prompt"] for r in read_jsonl(files["prompts_eval"], "prompts")]
     base = c.model
     if base is None:
@@ -212,6 +216,7 @@ def report_markdown(report: dict, out: Path) -> str:
         "|---|---|",
         f"| win rate of PPO over SFT (annotators' expected vote) | {100 * report['win_rate_ppo_vs_sft']:.1f}% |",
         f"| noiseless pairs: PPO better / tie / SFT better | {ppo['wins']} / {ppo['ties']} / {ppo['losses']} |",
+        f"| responses wrapped in chatter: SFT / PPO | {100 * ppo['chatty_baseline']:.0f}% / {100 * ppo['chatty_policy']:.0f}% |",
         f"| reward model pairwise accuracy (held-out SFT samples, noiseless labels) | {report['rm_pairwise_accuracy']:.3f} |",
         f"| KL(PPO ‖ SFT) per response | {report['mean_kl']:.3f} nats |",
         f"| elapsed | {report['elapsed_seconds']:.0f} s on {report['device']} |",

@@ -4,13 +4,16 @@
     reverse the words: cat dog tree\nanswer:   ->  " tree dog cat"
     count the words: cat dog tree\nanswer:   ->  " 3"
 
-It stands in for people at both ends of InstructGPT's loop. Demonstrators are careless:
-a fraction of their demonstrations carry a mistake (two items swapped, one dropped or
-repeated), so SFT alone learns the task imperfectly. Annotators compare two responses by
-a hidden utility (how much of the right answer is in the right place), and they are noisy
-like people: they choose a over b with Bradley-Terry probability σ((u_a - u_b) / τ), so
-close calls go either way. Rankings are drawn from the matching Plackett-Luce model.
-Everything is a pure function of a seed.
+It stands in for people at both ends of InstructGPT's loop, and, as with people, the
+demonstrations teach the task imperfectly. Demonstrators are careless: a fraction of their
+answers carry a mistake (two items swapped, one dropped, repeated or replaced). And they
+are chatty: many wrap the answer in filler ("sure the answer is 1 3 7 9"), which the
+annotators do not want. SFT copies both habits; only preferences say what is wanted.
+Annotators compare two responses by a hidden utility (how much of the right answer is in
+the right place, discounted when wrapped in chatter), and they are noisy like people: they
+choose a over b with Bradley-Terry probability σ((u_a - u_b) / τ), so close calls go
+either way. Rankings are drawn from the matching Plackett-Luce model. Everything is a
+pure function of a seed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from .data import write_jsonl
 WORDS = "cat dog bird fish tree river stone cloud red green blue small large quick slow".split()
 KINDS = ("sort", "reverse", "count")
 _INSTRUCTIONS = {"sort": "sort the numbers", "reverse": "reverse the words", "count": "count the words"}
+# Filler demonstrators put before an answer; annotators discount an answer wrapped in it.
+CHATTER = ("sure", "ok so", "the answer is", "sure the answer is", "here it is")
+CHATTER_COST = 0.3
 _PROMPT_RE = re.compile(r"^(sort the numbers|reverse the words|count the words): (.*)\nanswer:$")
 
 
@@ -70,18 +76,37 @@ def parse_prompt(prompt: str) -> Example:
     return Example(kind, tuple(match.group(2).split()))
 
 
-def utility(prompt: str, response: str) -> float:
-    """The annotators' hidden utility in [0, 1]: the fraction of answer positions right,
-    over the longer of answer and response (extra or missing items cost). For counting,
-    1 - |error| / n. This is also the gold reward to evaluate a trained policy with."""
-    example = parse_prompt(prompt)
-    target, got = correct_items(example), response.split()
+def strip_chatter(words: list[str]) -> tuple[bool, list[str]]:
+    """(whether the response opens with chatter, the words after it)."""
+    for phrase in sorted(CHATTER, key=len, reverse=True):
+        n = len(phrase.split())
+        if words[:n] == phrase.split():
+            return True, words[n:]
+    return False, words
+
+
+def correctness(example: Example, got: list[str]) -> float:
+    """The fraction of answer positions right, over the longer of answer and response
+    (extra or missing items cost). For counting, 1 - |error| / n."""
     if example.kind == "count":
         if len(got) != 1 or not got[0].isdigit():
             return 0.0
         return max(0.0, 1.0 - abs(int(got[0]) - len(example.items)) / len(example.items))
-    right = sum(a == b for a, b in zip(target, got))
-    return right / max(len(target), len(got))
+    target = correct_items(example)
+    return sum(a == b for a, b in zip(target, got)) / max(len(target), len(got))
+
+
+def utility(prompt: str, response: str) -> float:
+    """The annotators' hidden utility in [0, 1]: the correctness of the answer, times
+    1 - CHATTER_COST when it is wrapped in chatter. This is also the gold reward to evaluate
+    a trained policy with."""
+    chatty, got = strip_chatter(response.split())
+    return correctness(parse_prompt(prompt), got) * (1.0 - CHATTER_COST if chatty else 1.0)
+
+
+def chat(answer: str, rng: random.Random) -> str:
+    """The answer wrapped in a random chatter phrase."""
+    return " " + rng.choice(CHATTER) + answer
 
 
 def corrupt(example: Example, rng: random.Random, mistakes: int = 1) -> str:
@@ -106,16 +131,18 @@ def corrupt(example: Example, rng: random.Random, mistakes: int = 1) -> str:
     return " " + " ".join(items)
 
 
-def demonstration(example: Example, rng: random.Random, error_rate: float = 0.2) -> str:
-    """What a careless demonstrator writes: the right answer, or with probability
-    `error_rate` a slightly wrong one."""
-    return corrupt(example, rng) if rng.random() < error_rate else example.answer
+def demonstration(example: Example, rng: random.Random, error_rate: float = 0.2, chatter_rate: float = 0.0) -> str:
+    """What a careless, chatty demonstrator writes: the right answer, or with probability
+    `error_rate` a slightly wrong one; wrapped in chatter with probability `chatter_rate`."""
+    answer = corrupt(example, rng) if rng.random() < error_rate else example.answer
+    return chat(answer, rng) if rng.random() < chatter_rate else answer
 
 
 def candidate(example: Example, rng: random.Random) -> str:
-    """A response of varying quality, as a policy's samples would be."""
+    """A response of varying quality, as a policy's samples would be (half of them chatty)."""
     mistakes = rng.choice([0, 0, 1, 1, 2, 3])
-    return example.answer if mistakes == 0 else corrupt(example, rng, mistakes)
+    answer = example.answer if mistakes == 0 else corrupt(example, rng, mistakes)
+    return chat(answer, rng) if rng.random() < 0.5 else answer
 
 
 def annotator_prefers_first(prompt: str, a: str, b: str, rng: random.Random, temperature: float = 0.1) -> bool:
@@ -138,12 +165,12 @@ def annotator_ranking(prompt: str, responses: list[str], rng: random.Random, tem
 
 # ---------------------------------------------------------------- datasets
 
-def sft_records(n: int, seed: int = 0, error_rate: float = 0.2) -> list[dict]:
+def sft_records(n: int, seed: int = 0, error_rate: float = 0.2, chatter_rate: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for _ in range(n):
         example = make_example(rng)
-        records.append({"prompt": example.prompt, "completion": demonstration(example, rng, error_rate)})
+        records.append({"prompt": example.prompt, "completion": demonstration(example, rng, error_rate, chatter_rate)})
     return records
 
 
@@ -192,13 +219,13 @@ def prompt_records(n: int, seed: int = 0) -> list[dict]:
 
 def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000, n_rankings: int = 500,
                     n_prompts: int = 500, n_eval: int = 200, seed: int = 0, error_rate: float = 0.2,
-                    temperature: float = 0.1) -> dict[str, Path]:
+                    temperature: float = 0.1, chatter_rate: float = 0.6) -> dict[str, Path]:
     """Write train and eval files of every format under `out_dir`; returns name -> path.
     Train and eval use different seeds (the same prompt may still appear in both: the
-    task is small)."""
+    task is small). The eval demonstrations are what annotators want: right, no chatter."""
     out = Path(out_dir)
     files = {
-        "sft": sft_records(n_sft, seed, error_rate),
+        "sft": sft_records(n_sft, seed, error_rate, chatter_rate),
         "sft_eval": sft_records(n_eval, seed + 1, error_rate=0.0),
         "preferences": preference_records(n_pairs, seed + 2, temperature),
         "preferences_eval": preference_records(n_eval, seed + 3, temperature=0.0),
@@ -221,11 +248,13 @@ class TaskDataConfig:
     n_eval: int = field(default=200, metadata={"help": "examples in each eval file"})
     seed: int = field(default=0, metadata={"help": "everything is a pure function of this seed"})
     error_rate: float = field(default=0.2, metadata={"help": "fraction of demonstrations with a mistake"})
+    chatter_rate: float = field(default=0.6, metadata={"help": "fraction of demonstrations wrapped in chatter the annotators dislike"})
     temperature: float = field(default=0.1, metadata={"help": "annotator noise: P(a > b) = sigmoid((u_a - u_b) / temperature); 0 is noiseless"})
 
     def __post_init__(self):
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must be in [0, 1], got {self.error_rate}")
+        for name in ("error_rate", "chatter_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
@@ -233,11 +262,13 @@ class TaskDataConfig:
 def write_task_data_from_config(config: TaskDataConfig) -> dict[str, str]:
     c = config
     files = write_task_data(c.output_dir, c.n_sft, c.n_pairs, c.n_rankings, c.n_prompts, c.n_eval, c.seed,
-                            c.error_rate, c.temperature)
+                            c.error_rate, c.temperature, c.chatter_rate)
     return {name: str(path) for name, path in files.items()}
 
 
 def all_task_texts(n: int = 2000, seed: int = 0) -> list[str]:
-    """Prompt + answer strings, e.g. to train a tokenizer that knows the task's words."""
+    """Prompt + answer strings (half of them chatty), e.g. to train a tokenizer that knows
+    the task's words."""
     rng = random.Random(seed)
-    return [e.prompt + e.answer for e in (make_example(rng) for _ in range(n))]
+    return [e.prompt + (chat(e.answer, rng) if i % 2 else e.answer) for i, e in enumerate(make_example(rng)
+                                                                                          for _ in range(n))]

@@ -5,6 +5,7 @@
     task.py        the bundled task and its simulated demonstrators and annotators
     checkpoint.py  atomic publish of a checkpoint with rlhfkit.json
     sft.py rm.py dpo.py ppo.py   one config dataclass and one train_* function each
+    distributed.py under torchrun: the process group, each rank's share of a batch, summed gradients
     loop.py        label a policy's samples; judge policies (gold utility, win rate, KL)
     quickstart.py  `rlhfkit quickstart`: SFT -> RM -> PPO from scratch, evaluated, with a report
     cli.py         `rlhfkit train <stage>`, generated from the config dataclasses

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -19,8 +21,8 @@ class TrainConfig:
     optimisation, schedule, logging and run control. Each trainer's config adds its own."""
 
     max_length: int = field(default=256, metadata={"help": "truncate each example to this many tokens"})
-    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step"})
-    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward/backward, gradients accumulated up to --batch-size (0: all at once)"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step (over all processes under torchrun)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "examples per forward/backward in each process, gradients accumulated up to --batch-size (0: all at once)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training file"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: num_epochs decides)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
@@ -123,25 +125,32 @@ def default_log_dir(output_dir: str | Path) -> Path:
 
 class MetricsLog:
     """Appends one JSON object per call to log_dir/metrics.jsonl (flushed, so a crashed run
-    keeps its curve) and draws log_dir/curves.png at the end."""
+    keeps its curve) and draws log_dir/curves.png at the end. Under torchrun only rank 0
+    writes; the other ranks keep their rows in memory."""
 
     def __init__(self, log_dir: str | Path):
         self.dir = Path(log_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = None
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
         self._start = time.time()
 
     def log(self, step: int, **metrics) -> dict:
         row = {"step": step, "time": round(time.time() - self._start, 3),
                **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}}
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         return row
 
-    def close(self) -> Path:
+    def close(self) -> Path | None:
+        """Close the file and draw the curves (rank 0; None on the others)."""
+        if self._file is None:
+            return None
         self._file.close()
         return self.plot()
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import distributed
 from .checkpoint import publish_checkpoint
 from .common import TrainConfig, batched, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
@@ -37,7 +38,7 @@ class DPOConfig(TrainConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={"help": "sigmoid (DPO), ipo, hinge (SLiC)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "assumed label-flip rate (conservative DPO; sigmoid only)"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response + EOS to this many tokens"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step (over all processes under torchrun)"})
     learning_rate: float = field(default=5e-6, metadata={"help": "peak learning rate (AdamW)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
 
@@ -75,11 +76,16 @@ def sequence_logps(model, pairs: list[dict], pad_id: int, device, average: bool 
 
 @torch.no_grad()
 def add_reference_logps(ref_model, pairs: list[dict], batch_size: int, pad_id: int, device, average: bool) -> None:
+    """Each rank scores its share of the pairs; then every rank has them all."""
     ref_model.eval()
-    for chunk in batched(pairs, batch_size):
-        chosen, rejected = sequence_logps(ref_model, chunk, pad_id, device, average)
-        for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            p["ref_chosen"], p["ref_rejected"] = c, r
+    chosen_logps, rejected_logps = [0.0] * len(pairs), [0.0] * len(pairs)
+    for rows in batched(distributed.shard(list(range(len(pairs)))), batch_size):
+        chosen, rejected = sequence_logps(ref_model, [pairs[i] for i in rows], pad_id, device, average)
+        for i, c, r in zip(rows, chosen.tolist(), rejected.tolist()):
+            chosen_logps[i], rejected_logps[i] = c, r
+    summed = distributed.all_sum(chosen_logps + rejected_logps)  # each pair is scored on one rank, 0 on the others
+    for p, c, r in zip(pairs, summed[:len(pairs)], summed[len(pairs):]):
+        p["ref_chosen"], p["ref_rejected"] = c, r
 
 
 def pair_loss(model, chunk, config: DPOConfig, pad_id: int, device):
@@ -93,20 +99,22 @@ def pair_loss(model, chunk, config: DPOConfig, pad_id: int, device):
 def evaluate(model, pairs, config: DPOConfig, pad_id: int, device) -> dict:
     model.eval()
     loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
-    for chunk in batched(pairs, config.batch_size):
+    for chunk in batched(distributed.shard(pairs), config.batch_size):
         loss, chosen_r, rejected_r = pair_loss(model, chunk, config, pad_id, device)
         loss_sum += loss.item() * len(chunk)
         correct += (chosen_r > rejected_r).float().sum().item()
         margin_sum += (chosen_r - rejected_r).sum().item()
     model.train()
+    loss_sum, correct, margin_sum = distributed.all_sum([loss_sum, correct, margin_sum])
     n = len(pairs)
     return {"eval_loss": loss_sum / n, "eval_reward_accuracy": correct / n, "eval_reward_margin": margin_sum / n}
 
 
 def train_dpo(config: DPOConfig) -> dict:
-    """Train, publish the policy, return the final metrics."""
+    """Train, publish the policy, return the final metrics. Under torchrun each rank trains
+    on its slice of every batch of `batch_size` pairs (see distributed.py)."""
     rng = seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.init(pick_device(config.device))
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     average = config.loss_type == "ipo"  # IPO's target 1/(2β) is on a per-token scale (as in TRL)
@@ -122,33 +130,36 @@ def train_dpo(config: DPOConfig) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
     model.train()
+    distributed.broadcast_parameters(model)
     total_steps = config.total_steps(len(train))
     optimizer, scheduler = config.optimizer(model, total_steps)
     log = config.metrics_log()
     metrics: dict = {"train_pairs": len(train), "eval_pairs": len(evals)}
 
     step, start = 0, time.time()
-    bar = tqdm(total=total_steps, desc="dpo", disable=not config.progress)
+    bar = tqdm(total=total_steps, desc="dpo", disable=not config.progress or not distributed.is_main())
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
             optimizer.zero_grad(set_to_none=True)
             loss, chosen, rejected = 0.0, [], []
-            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
+            for micro in batched(distributed.shard(chunk), config.micro_batch_size or len(chunk)):
                 part, chosen_r, rejected_r = pair_loss(model, micro, config, pad_id, device)
                 (part * len(micro) / len(chunk)).backward()
                 loss = loss + part.detach() * len(micro) / len(chunk)
                 chosen.append(chosen_r)
                 rejected.append(rejected_r)
-            chosen_r, rejected_r = torch.cat(chosen), torch.cat(rejected)
+            distributed.sum_gradients(model.parameters())
+            [loss] = distributed.all_sum([loss])  # each rank's part is its share of the batch's mean
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             row = {}
             if step % config.log_every == 0 or step == total_steps:
-                row = {"loss": loss.item(), "reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
+                chosen_r, rejected_r = torch.cat(distributed.gather(chosen)), torch.cat(distributed.gather(rejected))
+                row = {"loss": loss, "reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
                        "reward_margin": (chosen_r - rejected_r).mean().item(), "reward_chosen": chosen_r.mean().item(),
                        "reward_rejected": rejected_r.mean().item(), "grad_norm": grad_norm.item(),
                        "lr": scheduler.get_last_lr()[0]}
@@ -163,9 +174,11 @@ def train_dpo(config: DPOConfig) -> dict:
     bar.close()
     metrics.update(steps=step, seconds=round(time.time() - start, 2))
     plot = log.close()
-    publish_checkpoint(model, tokenizer, config.output_dir, stage="dpo", parent=config.model,
-                       data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
-                       overwrite=config.overwrite,
-                       extra={"reference": str(ref_path), "config": asdict(config), "metrics_file": str(log.path),
-                              "plot": str(plot)})
+    if distributed.is_main():
+        publish_checkpoint(model, tokenizer, config.output_dir, stage="dpo", parent=config.model,
+                           data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
+                           overwrite=config.overwrite,
+                           extra={"reference": str(ref_path), "config": asdict(config), "metrics_file": str(log.path),
+                                  "plot": str(plot)})
+    distributed.barrier()  # the other ranks return once the checkpoint is there
     return metrics

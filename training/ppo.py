@@ -13,6 +13,11 @@ One iteration:
   4. ppo_epochs passes of clipped policy and value updates over minibatches, plus
      ptx_coef * the SFT loss on demonstrations when a ptx file is given.
 The value model starts from the reward model (InstructGPT) and reads a value at every token.
+
+Under torchrun each rank samples rollouts for its share of every rollout batch (with its own
+seed) and takes that share of every minibatch; advantages are whitened, and the KL
+controller reads the KL, over all ranks' rollouts; policy and value gradients are summed
+across ranks (distributed.py).
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import task
+from . import distributed, task
 from .checkpoint import publish_checkpoint, read_info
 from .common import MetricsLog, batched, default_log_dir, encode, pick_device, seed_everything, warmup_cosine
 from .data import fingerprint_files, read_jsonl
 from .losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from .ops import fused_linear_logprobs, kl_from_logprobs, sample_tokens
 from .rm import score_texts
-from .sft import IGNORE, collate, sft_loss, tokenize_sft
+from .sft import IGNORE, collate, sft_loss, tokenize_sft, trained_tokens
 
 
 @dataclass
@@ -48,8 +53,8 @@ class PPOConfig:
     ptx_file: str | None = field(default=None, metadata={"help": "SFT demonstrations mixed into the loss (PPO-ptx)"})
     ptx_coef: float = field(default=0.0, metadata={"help": "weight of the SFT loss on --ptx-file (InstructGPT's gamma)"})
     num_iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
-    rollout_batch_size: int = field(default=32, metadata={"help": "prompts per rollout"})
-    minibatch_size: int = field(default=8, metadata={"help": "rollouts per gradient step"})
+    rollout_batch_size: int = field(default=32, metadata={"help": "prompts per rollout (over all processes under torchrun)"})
+    minibatch_size: int = field(default=8, metadata={"help": "rollouts per gradient step (over all processes under torchrun)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
     max_prompt_length: int = field(default=128, metadata={"help": "prompts longer than this keep their last tokens"})
@@ -167,6 +172,18 @@ def shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float
     return rewards, kl
 
 
+def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """losses.whiten with the mean and (unbiased) variance of every rank's counted entries."""
+    if distributed.world_size() == 1:
+        return whiten(x, mask, eps=eps)
+    mask = mask.to(x.dtype)
+    total, count = distributed.all_sum([(x * mask).sum(), mask.sum()])
+    mean = total / max(count, 1)
+    [squares] = distributed.all_sum([((x - mean) ** 2 * mask).sum()])
+    var = squares / max(count, 1) * count / max(count - 1, 1)
+    return (x - mean) * (var + eps) ** -0.5 * mask
+
+
 # ---------------------------------------------------------------- training
 
 def _load(config: PPOConfig, device):
@@ -201,7 +218,7 @@ def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_mod
     scores = scores - config.missing_eos_penalty * (~ended).float()
     rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    advantages = whiten(advantages, mask)
+    advantages = whiten_across_ranks(advantages, mask)
     policy.train()
     return {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses, "mask": mask,
             "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
@@ -212,12 +229,12 @@ def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_mod
 def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device) -> dict:
     """Mean RM score of sampled responses to held-out prompts (seeded: comparable across
     evals), and the bundled task's gold utility when the prompts are the task's."""
-    generator = torch.Generator(device=device).manual_seed(config.seed + 12345)
+    generator = torch.Generator(device=device).manual_seed(config.seed + 12345 + distributed.rank())
     scores, utilities = [], []
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     policy.eval()
-    for chunk in batched(prompts_text, config.rollout_batch_size):
+    for chunk in batched(distributed.shard(prompts_text), config.rollout_batch_size):
         prompt_ids = [encode(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
         prompts, prompt_mask, responses = generate(policy, prompt_ids, config.max_new_tokens, config.temperature,
                                                    eos_id, pad_id, generator, device)
@@ -230,18 +247,22 @@ def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config
             except ValueError:  # not a prompt of the bundled task
                 pass
     policy.train()
-    result = {"eval_score": sum(scores) / len(scores)}
-    if len(utilities) == len(scores):
-        result["eval_task_utility"] = sum(utilities) / len(utilities)
+    score_sum, n_scores, utility_sum, n_utilities = distributed.all_sum(
+        [sum(scores), len(scores), sum(utilities), len(utilities)])
+    result = {"eval_score": score_sum / n_scores}
+    if n_utilities == n_scores:
+        result["eval_task_utility"] = utility_sum / n_utilities
     return result
 
 
 def train_ppo(config: PPOConfig) -> dict:
     """Train, publish the policy, return the final metrics."""
     rng = seed_everything(config.seed)
-    device = pick_device(config.device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    device = distributed.init(pick_device(config.device))
+    world = distributed.world_size()
+    generator = torch.Generator(device=device).manual_seed(config.seed + distributed.rank())
     tokenizer, policy, ref, rm_tokenizer, reward_model, value_model = _load(config, device)
+    distributed.broadcast_parameters(policy, value_model)
     reward_bias = float(read_info(config.reward_model).get("reward_bias", 0.0))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -249,6 +270,9 @@ def train_ppo(config: PPOConfig) -> dict:
     eval_prompts = [r["prompt"] for r in read_jsonl(config.eval_prompts_file, "prompts")] if config.eval_prompts_file else []
     ptx = tokenize_sft(tokenizer, read_jsonl(config.ptx_file, "sft"), config.max_prompt_length + config.max_new_tokens) \
         if config.ptx_file else []
+    if config.rollout_batch_size % world or config.minibatch_size % world or len(prompts) < world or 0 < len(ptx) < world:
+        raise ValueError(f"with {world} processes, rollout_batch_size and minibatch_size must be multiples of {world}, "
+                         f"and the prompts (and ptx demonstrations) at least {world}")
     params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-5)
     warmup = int(round(config.warmup_ratio * config.num_iterations))
@@ -267,18 +291,23 @@ def train_ppo(config: PPOConfig) -> dict:
         while True:
             order = list(prompts)
             rng.shuffle(order)
-            yield from batched(order, config.rollout_batch_size)
+            for chunk in batched(order, config.rollout_batch_size):
+                chunk = chunk[:len(chunk) - len(chunk) % world]  # as many prompts for every rank
+                if chunk:
+                    yield distributed.shard(chunk)
 
     stream, start = prompt_stream(), time.time()
-    bar = tqdm(total=config.num_iterations, desc="ppo", disable=not config.progress)
+    bar = tqdm(total=config.num_iterations, desc="ppo", disable=not config.progress or not distributed.is_main())
     for iteration in range(1, config.num_iterations + 1):
         batch = rollout_batch(next(stream), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model, config,
                               kl_coef, reward_bias, generator, device)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
-            for rows in batched(list(range(len(batch["scores"]))), config.minibatch_size, rng):
+            for rows in batched(list(range(len(batch["scores"]))), config.minibatch_size // world, rng):
                 idx = torch.tensor(rows, device=device)
                 mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
+                # The losses are means over the minibatch's tokens: each rank takes its share of them.
+                share = float(mb["mask"].sum()) / distributed.all_sum([mb["mask"].sum()])[0]
                 logprobs, entropy = response_logprobs(policy, mb["prompts"], mb["prompt_mask"], mb["responses"],
                                                       mb["mask"], config.temperature, return_entropy=True)
                 values = response_values(value_model, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"])
@@ -286,28 +315,31 @@ def train_ppo(config: PPOConfig) -> dict:
                                                                config.clip_range)
                 vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"],
                                                       config.clip_range_value)
-                loss = pg_loss + config.vf_coef * vf_loss
+                loss = (pg_loss + config.vf_coef * vf_loss) * share
                 if ptx and config.ptx_coef > 0:
-                    demos = collate(rng.sample(ptx, min(len(ptx), config.minibatch_size)), pad_id)
-                    ptx_loss, _ = sft_loss(policy, {k: v.to(device) for k, v in demos.items()})
+                    demos = rng.sample(ptx, min(len(ptx), config.minibatch_size))
+                    mine = collate(distributed.shard(demos), pad_id)
+                    ptx_loss, _ = sft_loss(policy, {k: v.to(device) for k, v in mine.items()}, trained_tokens(demos))
                     loss = loss + config.ptx_coef * ptx_loss
                     stats.setdefault("ptx_loss", []).append(ptx_loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.sum_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
                 optimizer.step()
                 for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
                                     ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac),
                                     ("entropy", masked_mean(entropy.detach(), mb["mask"]))):
-                    stats.setdefault(name, []).append(value.item())
+                    stats.setdefault(name, []).append(value.item() * share)
+        stats = {k: distributed.all_sum(v) for k, v in stats.items()}  # the ranks' shares add up to the means
         scheduler.step()
-        mean_kl = batch["kl"].mean().item()
+        mean_kl = distributed.mean(batch["kl"])
         if config.kl_target > 0:  # Ziegler et al.'s proportional controller on the sequence KL
             error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
-            kl_coef *= 1 + error * len(batch["scores"]) / config.kl_horizon
-        row = {"score": batch["scores"].mean().item(), "kl": mean_kl, "kl_coef": kl_coef,
-               "response_length": batch["mask"].sum(-1).float().mean().item(),
-               "eos_fraction": batch["ended"].float().mean().item(), "lr": scheduler.get_last_lr()[0],
+            kl_coef *= 1 + error * len(batch["scores"]) * world / config.kl_horizon
+        row = {"score": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
+               "response_length": distributed.mean(batch["mask"].sum(-1)),
+               "eos_fraction": distributed.mean(batch["ended"]), "lr": scheduler.get_last_lr()[0],
                **{k: sum(v) / len(v) for k, v in stats.items()}}
         if eval_prompts and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
             row.update(evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device))
@@ -322,9 +354,11 @@ def train_ppo(config: PPOConfig) -> dict:
     bar.close()
     metrics.update(iterations=config.num_iterations, seconds=round(time.time() - start, 2))
     plot = log.close()
-    publish_checkpoint(policy, tokenizer, config.output_dir, stage="ppo", parent=config.model,
-                       data_fingerprint=fingerprint_files([config.prompts_file] + ([config.ptx_file] if config.ptx_file else [])),
-                       metrics=metrics, overwrite=config.overwrite,
-                       extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model),
-                              "config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
+    if distributed.is_main():
+        publish_checkpoint(policy, tokenizer, config.output_dir, stage="ppo", parent=config.model,
+                           data_fingerprint=fingerprint_files([config.prompts_file] + ([config.ptx_file] if config.ptx_file else [])),
+                           metrics=metrics, overwrite=config.overwrite,
+                           extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model),
+                                  "config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
+    distributed.barrier()  # the other ranks return once the checkpoint is there
     return metrics

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from . import distributed
 from .checkpoint import publish_checkpoint
 from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
@@ -39,7 +40,7 @@ class RMConfig(TrainConfig):
     data_format: Literal["auto", "preferences", "rankings"] = field(default="auto", metadata={"help": "format of the data files (auto: by the first line's keys)"})
     sft_file: str | None = field(default=None, metadata={"help": "SFT demonstrations; after training, set the bias so they score 0 on average"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + response to this many tokens (keeping the end, where the reward is read)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts (pairs or rankings) per step"})
+    batch_size: int = field(default=16, metadata={"help": "prompts (pairs or rankings) per step (over all processes under torchrun)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
     use_margin: bool = field(default=True, metadata={"help": "use a preference line's 'margin' (Llama 2) when present"})
     center_coef: float = field(default=0.0, metadata={"help": "penalise the rewards' offset: coef * mean((r_c + r_r)^2) (TRL center_rewards_coefficient)"})
@@ -113,12 +114,13 @@ def pair_accuracy(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[float, int
 def evaluate(model, tokenizer, groups, config: RMConfig, device) -> dict:
     model.eval()
     correct, pairs, loss_sum = 0.0, 0, 0.0
-    for chunk in batched(groups, config.batch_size):
+    for chunk in batched(distributed.shard(groups), config.batch_size):
         rewards, mask = group_rewards(model, tokenizer, chunk, config.max_length, device)
         acc, n = pair_accuracy(rewards, mask)
         correct, pairs = correct + acc * n, pairs + n
         loss_sum += ranking_rm_loss(rewards, mask).item() * len(chunk)
     model.train()
+    correct, pairs, loss_sum = distributed.all_sum([correct, pairs, loss_sum])
     return {"eval_accuracy": correct / max(pairs, 1), "eval_loss": loss_sum / len(groups)}
 
 
@@ -127,20 +129,23 @@ def mean_reward(model, tokenizer, records: list[dict], config: RMConfig, device)
     model.eval()
     texts = [r["prompt"] + r["completion"] for r in records]
     total = sum(score_texts(model, tokenizer, chunk, config.max_length, device).sum().item()
-                for chunk in batched(texts, config.batch_size))
+                for chunk in batched(distributed.shard(texts), config.batch_size))
+    [total] = distributed.all_sum([total])
     return total / len(texts)
 
 
 def train_rm(config: RMConfig) -> dict:
-    """Train, publish the reward model, return the final metrics."""
+    """Train, publish the reward model, return the final metrics. Under torchrun each rank
+    trains on its slice of every batch of `batch_size` groups (see distributed.py)."""
     rng = seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.init(pick_device(config.device))
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{config.model}: the tokenizer has no pad token; the RM finds the last token by padding")
     model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).train()
+    distributed.broadcast_parameters(model)
 
     train = read_rankings(config.train_file, config.data_format)
     evals = read_rankings(config.eval_file, config.data_format) if config.eval_file else []
@@ -153,30 +158,35 @@ def train_rm(config: RMConfig) -> dict:
     metrics: dict = {"train_groups": len(train), "eval_groups": len(evals)}
 
     step, start = 0, time.time()
-    bar = tqdm(total=total_steps, desc="rm", disable=not config.progress)
+    bar = tqdm(total=total_steps, desc="rm", disable=not config.progress or not distributed.is_main())
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
             optimizer.zero_grad(set_to_none=True)
             loss, seen = 0.0, []
-            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
+            for micro in batched(distributed.shard(chunk), config.micro_batch_size or len(chunk)):
                 rewards, mask = group_rewards(model, tokenizer, micro, config.max_length, device)
                 part = rm_loss(rewards, mask, [g["margin"] for g in micro], config.center_coef) * len(micro) / len(chunk)
                 part.backward()
                 loss = loss + part.detach()
                 seen.append((rewards.detach(), mask))
+            distributed.sum_gradients(model.parameters())
+            [loss] = distributed.all_sum([loss])  # each rank's part is its share of the batch's mean
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             row = {}
             if step % config.log_every == 0 or step == total_steps:
                 counted = [pair_accuracy(r, m) for r, m in seen]
-                acc = sum(a * n for a, n in counted) / max(1, sum(n for _, n in counted))
-                row = {"loss": loss.item(), "accuracy": acc, "grad_norm": grad_norm.item(),
-                       "lr": scheduler.get_last_lr()[0], "reward_best": torch.cat([r[:, 0] for r, _ in seen]).mean().item(),
-                       "reward_mean": torch.cat([r[m] for r, m in seen]).mean().item()}
+                correct, pairs = distributed.all_sum([sum(a * n for a, n in counted), sum(n for _, n in counted)])
+                acc = correct / max(1, pairs)
+                best = torch.cat(distributed.gather([r[:, 0] for r, _ in seen]))
+                scored = torch.cat(distributed.gather([r[m] for r, m in seen]))
+                row = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm.item(),
+                       "lr": scheduler.get_last_lr()[0], "reward_best": best.mean().item(),
+                       "reward_mean": scored.mean().item()}
                 metrics.update(train_loss=row["loss"], train_accuracy=acc)
             if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 row.update(evaluate(model, tokenizer, evals, config, device))
@@ -196,8 +206,10 @@ def train_rm(config: RMConfig) -> dict:
     metrics.update(steps=step, seconds=round(time.time() - start, 2), reward_bias=reward_bias)
     plot = log.close()
     data_files = [config.train_file] + ([config.sft_file] if config.sft_file else [])
-    publish_checkpoint(model, tokenizer, config.output_dir, stage="rm", parent=config.model,
-                       data_fingerprint=fingerprint_files(data_files), metrics=metrics, overwrite=config.overwrite,
-                       extra={"reward_bias": reward_bias, "config": asdict(config), "metrics_file": str(log.path),
-                              "plot": str(plot)})
+    if distributed.is_main():
+        publish_checkpoint(model, tokenizer, config.output_dir, stage="rm", parent=config.model,
+                           data_fingerprint=fingerprint_files(data_files), metrics=metrics, overwrite=config.overwrite,
+                           extra={"reward_bias": reward_bias, "config": asdict(config), "metrics_file": str(log.path),
+                                  "plot": str(plot)})
+    distributed.barrier()  # the other ranks return once the checkpoint is there
     return metrics

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import distributed
 from .checkpoint import publish_checkpoint
 from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
@@ -79,24 +80,27 @@ def trained_tokens(examples) -> int:
 
 @torch.no_grad()
 def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
-    """Mean NLL per completion token over `examples`."""
+    """Mean NLL per completion token over `examples` (each rank scores its share)."""
     model.eval()
     total, count = 0.0, 0
-    for chunk in batched(examples, batch_size):
+    for chunk in batched(distributed.shard(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         loss, n = sft_loss(model, batch)
         total, count = total + loss.item() * n, count + n
     model.train()
+    total, count = distributed.all_sum([total, count])
     return total / max(count, 1)
 
 
 def train_sft(config: SFTConfig) -> dict:
-    """Train, publish the checkpoint, return the final metrics."""
+    """Train, publish the checkpoint, return the final metrics. Under torchrun each rank
+    trains on its slice of every batch of `batch_size` examples (see distributed.py)."""
     rng = seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.init(pick_device(config.device))
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
     model.train()
+    distributed.broadcast_parameters(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     train = tokenize_sft(tokenizer, read_jsonl(config.train_file, "sft"), config.max_length)
@@ -109,26 +113,28 @@ def train_sft(config: SFTConfig) -> dict:
     metrics: dict = {"train_examples": len(train), "eval_examples": len(evals)}
 
     step, tokens, start = 0, 0, time.time()
-    bar = tqdm(total=total_steps, desc="sft", disable=not config.progress)
+    bar = tqdm(total=total_steps, desc="sft", disable=not config.progress or not distributed.is_main())
     while step < total_steps:
         for chunk in batched(train, config.batch_size, rng):
             optimizer.zero_grad(set_to_none=True)
-            total, loss, n = trained_tokens(chunk), 0.0, 0
-            for micro in batched(chunk, config.micro_batch_size or len(chunk)):
-                part, part_tokens = sft_loss(model, {k: v.to(device) for k, v in collate(micro, pad_id).items()}, total)
+            total, loss = trained_tokens(chunk), 0.0  # the whole batch's tokens normalise every rank's loss
+            for micro in batched(distributed.shard(chunk), config.micro_batch_size or len(chunk)):
+                part, _ = sft_loss(model, {k: v.to(device) for k, v in collate(micro, pad_id).items()}, total)
                 part.backward()
-                loss, n = loss + part.detach(), n + part_tokens
+                loss = loss + part.detach()
+            distributed.sum_gradients(model.parameters())
+            [loss] = distributed.all_sum([loss])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
-            step, tokens = step + 1, tokens + n
+            step, tokens = step + 1, tokens + total
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             row = {}
             if step % config.log_every == 0 or step == total_steps:
-                row = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                row = {"loss": loss, "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
                        "tokens": tokens}
-                metrics["train_loss"] = loss.item()
+                metrics["train_loss"] = loss
             if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
                 row["eval_loss"] = metrics["eval_loss"] = evaluate(model, evals, config.batch_size, pad_id, device)
             if row:
@@ -138,8 +144,10 @@ def train_sft(config: SFTConfig) -> dict:
     bar.close()
     metrics.update(steps=step, tokens=tokens, seconds=round(time.time() - start, 2))
     plot = log.close()
-    publish_checkpoint(model, tokenizer, config.output_dir, stage="sft", parent=config.model,
-                       data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
-                       overwrite=config.overwrite,
-                       extra={"config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
+    if distributed.is_main():
+        publish_checkpoint(model, tokenizer, config.output_dir, stage="sft", parent=config.model,
+                           data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
+                           overwrite=config.overwrite,
+                           extra={"config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
+    distributed.barrier()  # the other ranks return once the checkpoint is there
     return metrics

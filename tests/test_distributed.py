@@ -76,10 +76,15 @@ def runs(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
-    for stage, config in stage_configs(data, root / "one", tiny_policy_dir, tiny_reward_dir).items():
-        if stage != "ppo":
-            config_cls, train = distributed_worker.TRAINERS[stage]
-            train(config_cls(**config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process; tiny models train fastest so
+    try:
+        for stage, config in stage_configs(data, root / "one", tiny_policy_dir, tiny_reward_dir).items():
+            if stage != "ppo":
+                config_cls, train = distributed_worker.TRAINERS[stage]
+                train(config_cls(**config))
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 

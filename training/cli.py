@@ -10,6 +10,7 @@ import json
 import sys
 
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
+from rlhfkit.training import distributed
 
 # stage -> (module, config class, train function); modules are imported only when listed
 # here, and their heavy imports (transformers) are what a training run needs anyway.
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the config's own validation, worded for a person
         stage_parser.error(str(e))
     result = train_fn(config)
-    print(json.dumps(result, indent=2, default=str))
+    if distributed.is_main():  # under torchrun, every rank returns the same metrics
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -135,7 +135,7 @@ def demonstration(example: Example, rng: random.Random, error_rate: float = 0.2,
     """What a careless, chatty demonstrator writes: the right answer, or with probability
     `error_rate` a slightly wrong one; wrapped in chatter with probability `chatter_rate`."""
     answer = corrupt(example, rng) if rng.random() < error_rate else example.answer
-    return chat(answer, rng) if rng.random() < chatter_rate else answer
+    return chat(answer, rng) if chatter_rate > 0 and rng.random() < chatter_rate else answer
 
 
 def candidate(example: Example, rng: random.Random) -> str:

@@ -3,7 +3,6 @@ the reward model prefers the responses people chose."""
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

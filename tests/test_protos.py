@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from rlhfkit.server.app import ServeConfig, ServerThread
 

@@ -8,13 +8,12 @@ import urllib.request
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.clients import AsyncClient, Client, generate_request
 from rlhfkit.server.app import ServeConfig, ServerThread
-from rlhfkit.v1 import generation_pb2, reward_pb2
+from rlhfkit.v1 import generation_pb2
 
 PROMPTS = [
     "the cat",

@@ -5,9 +5,11 @@ import json
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.clients import Client
 from rlhfkit.clients.cli import main as cli_main
+from rlhfkit.server.app import ServeConfig, ServerThread
 from rlhfkit.training import task
 from rlhfkit.training.checkpoint import read_info
 from rlhfkit.training.cli import main as train_main
@@ -46,6 +48,27 @@ def test_quickstart_in_miniature(tmp_path, capsys):
     assert train_main(["eval", "--policy", str(sft), "--prompts-file", str(out / "data" / "prompts_eval.jsonl"),
                        "--device", "cpu"]) == 0
     assert abs(json.loads(capsys.readouterr().out)["gold_utility"] - expected) < 1e-9
+
+    # the store serves as it is (real gRPC): roles by stage, each checkpoint greedy as transformers
+    # decodes it, and the RM's reward as plain transformers reads it plus reward_bias
+    greedy["dpo-1"] = hf_greedy_texts(store / "dpo-1", prompts[:2])
+    rm = AutoModelForSequenceClassification.from_pretrained(store / "rm-1", dtype=torch.float32).eval()
+    rm_tok = AutoTokenizer.from_pretrained(store / "rm-1")
+    with torch.no_grad():
+        expected_reward = rm(torch.tensor([rm_tok(prompts[0] + greedy["ppo-1"][0])["input_ids"]])).logits.item()
+    expected_reward += read_info(store / "rm-1")["reward_bias"]
+    srv = ServerThread(ServeConfig(store=str(store), port=0, device="cpu", reload_interval=0)).wait_loaded()
+    try:
+        with Client(srv.address, timeout=60) as client:
+            assert {r: m.name for m in client.list_models() for r in m.roles} == {
+                "policy": "ppo-1", "reference": "sft-1", "reward": "rm-1"}
+            for name, model in (("ppo-1", ""), ("sft-1", "sft-1"), ("dpo-1", "dpo-1")):
+                for i in range(2):
+                    served = client.generate(prompts[i], model=model, max_new_tokens=16).completions[0].text
+                    assert served == greedy[name][i], (name, i)
+            assert abs(client.score([(prompts[0], greedy["ppo-1"][0])])[0] - expected_reward) < 1e-4
+    finally:
+        srv.stop()
 
     # win rate, greedy (so transformers can decode it too): the annotators' expected vote by hand
     deltas = [task.utility(p, a) - task.utility(p, b) for p, a, b in zip(prompts, greedy["ppo-1"], greedy["sft-1"])]

@@ -135,6 +135,11 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                             log_every=10, log_dir=str(runs / "dpo-1"), **common))
         stage("dpo")
 
+    # Pin the roles (a DPO policy, published last, would otherwise take the policy role) and
+    # serve the DPO policy by name beside them, for side-by-side comparisons.
+    roles = {"policy": "ppo-1", "reference": "sft-1", "reward": "rm-1", "serve": ["dpo-1"] if c.dpo else []}
+    (store / "roles.json").write_text(json.dumps(roles, indent=2) + "\n")
+
     # Held-out evaluation: sampled at temperature 1, the distribution PPO optimises.
     judge = dict(prompts=eval_prompts, samples_per_prompt=c.eval_samples,
                  annotator_temperature=c.annotator_temperature, seed=c.seed + 1, device=device)
@@ -235,7 +240,7 @@ def report_markdown(report: dict, out: Path) -> str:
         "",
         *[f"- {name}: `{path}`" for name, path in report["checkpoints"].items()],
         "",
-        "Serve them (the store gives the PPO policy the policy role, SFT the reference, the RM the reward):",
+        "Serve them (store/roles.json gives the PPO policy the policy role, SFT the reference, the RM the reward):",
         "",
         "```bash",
         f"rlhfkit serve --store {out / 'store'}",

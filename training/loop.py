@@ -7,7 +7,6 @@ the trainers.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,17 +66,14 @@ def win_rate(policy_dir: str | Path, baseline_dir: str | Path, prompts: list[str
     Also returns the noiseless wins / ties / losses, each policy's mean utility and the
     fraction of its responses wrapped in chatter."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    utilities, chatty = [], []
+    texts, utilities, chatty = [], [], []
     for directory in (policy_dir, baseline_dir):
         policy, tokenizer = load_policy(directory, device)
-        texts = sample_texts(policy, tokenizer, repeated, temperature, seed, device, max_new_tokens=max_new_tokens)
-        utilities.append([task.utility(p, t) for p, t in zip(repeated, texts)])
-        chatty.append(sum(task.strip_chatter(t.split())[0] for t in texts) / len(texts))
+        texts.append(sample_texts(policy, tokenizer, repeated, temperature, seed, device, max_new_tokens=max_new_tokens))
+        utilities.append([task.utility(p, t) for p, t in zip(repeated, texts[-1])])
+        chatty.append(sum(task.strip_chatter(t.split())[0] for t in texts[-1]) / len(repeated))
+    votes = [task.preference_probability(p, a, b, annotator_temperature) for p, a, b in zip(repeated, *texts)]
     deltas = [a - b for a, b in zip(*utilities)]
-    if annotator_temperature > 0:
-        votes = [1.0 / (1.0 + math.exp(-d / annotator_temperature)) for d in deltas]
-    else:
-        votes = [1.0 if d > 0 else 0.0 if d < 0 else 0.5 for d in deltas]
     n = len(deltas)
     return {"win_rate": sum(votes) / n, "wins": sum(d > 0 for d in deltas), "ties": sum(d == 0 for d in deltas),
             "losses": sum(d < 0 for d in deltas), "pairs": n,

@@ -145,13 +145,22 @@ def candidate(example: Example, rng: random.Random) -> str:
     return chat(answer, rng) if rng.random() < 0.5 else answer
 
 
-def annotator_prefers_first(prompt: str, a: str, b: str, rng: random.Random, temperature: float = 0.1) -> bool:
-    """A noisy annotator: P(a ≻ b) = σ((u_a - u_b) / temperature). temperature 0 is a
-    perfect annotator (ties broken by a coin)."""
+def preference_probability(prompt: str, a: str, b: str, temperature: float = 0.1) -> float:
+    """P(an annotator prefers a to b) = σ((u_a - u_b) / temperature); at temperature 0 a
+    perfect annotator: 1, 0, or ½ on a tie."""
     du = utility(prompt, a) - utility(prompt, b)
     if temperature <= 0:
-        return du > 0 or (du == 0 and rng.random() < 0.5)
-    return rng.random() < 1.0 / (1.0 + math.exp(-du / temperature))
+        return 1.0 if du > 0 else 0.0 if du < 0 else 0.5
+    return 1.0 / (1.0 + math.exp(-du / temperature))
+
+
+def annotator_prefers_first(prompt: str, a: str, b: str, rng: random.Random, temperature: float = 0.1) -> bool:
+    """A noisy annotator's vote, drawn with preference_probability. A perfect annotator
+    (temperature 0) flips a coin only on a tie."""
+    p = preference_probability(prompt, a, b, temperature)
+    if temperature <= 0 and p != 0.5:
+        return p == 1.0
+    return rng.random() < p
 
 
 def annotator_ranking(prompt: str, responses: list[str], rng: random.Random, temperature: float = 0.1) -> list[str]:

@@ -89,13 +89,14 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     common = dict(batch_size=c.batch_size, seed=c.seed, device=c.device, progress=c.progress, overwrite=True)
     checkpoints = {name: str(store / f"{name}-1") for name in ("sft", "rm", "ppo")}
     seconds: dict[str, float] = {}
+    stage_start = time.time()
 
     def stage(name: str):
-        seconds[name] = round(time.time() - stage_start[0], 1)
-        stage_start[0] = time.time()
+        nonlocal stage_start
+        seconds[name] = round(time.time() - stage_start, 1)
+        stage_start = time.time()
         print(f"[quickstart] {name} done in {seconds[name]:.0f}s", flush=True)
 
-    stage_start = [time.time()]
     sft_metrics = train_sft(SFTConfig(model=base, train_file=files["sft"], eval_file=files["sft_eval"],
                                       output_dir=checkpoints["sft"], max_steps=c.sft_steps,
                                       learning_rate=c.sft_learning_rate, log_every=25, log_dir=str(runs / "sft-1"),
@@ -145,8 +146,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                  annotator_temperature=c.annotator_temperature, seed=c.seed + 1, device=device)
     versus_sft = {name: win_rate(checkpoints[name], checkpoints["sft"], **judge) for name in ("ppo", "dpo")
                   if name in checkpoints}
-    gold = {name: {"greedy": gold_utility(checkpoints[name], eval_prompts, 0.0, device=device)}
-            for name in ("sft", "ppo", "dpo") if name in checkpoints}
+    # Sampled utilities come from the win-rate samples; SFT's are the baseline's of any comparison.
+    sampled = {"sft": versus_sft["ppo"]["utility_baseline"], **{n: r["utility_policy"] for n, r in versus_sft.items()}}
+    gold = {name: {"greedy": gold_utility(checkpoints[name], eval_prompts, 0.0, device=device), "sampled": u}
+            for name, u in sampled.items()}
     kl = mean_kl(checkpoints["ppo"], checkpoints["sft"], eval_prompts, seed=c.seed + 2, device=device)
     stage("evaluation")
 
@@ -157,8 +160,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "elapsed_seconds": round(time.time() - started, 1),
         "checkpoints": checkpoints,
         "comparisons_vs_sft": versus_sft,
-        "gold_utility": {name: {**gold[name], "sampled": versus_sft[name]["utility_policy"] if name in versus_sft
-                                else next(iter(versus_sft.values()))["utility_baseline"]} for name in gold},
+        "gold_utility": gold,
         "stage_seconds": seconds,
         "metrics": {"sft": sft_metrics, "rm": rm_metrics, "ppo": ppo_metrics},
         "config": asdict(c),

@@ -4,6 +4,7 @@ gold utility, win rate and KL equal what transformers' own decoding and float64 
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -134,3 +135,12 @@ def test_label_ranks_the_policys_own_samples(tmp_path):
         assert len(set(r["responses"])) == len(r["responses"]) == 3
         u = [task.utility(r["prompt"], x) for x in r["responses"]]
         assert u == sorted(u, reverse=True)  # a noiseless annotator ranks by utility
+
+
+def test_quickstart_rejects_bad_options_by_name(tmp_path, capsys):
+    for flag, value, message in (("--k", "1", "k must be >= 2"), ("--chatter-rate", "1.5", "chatter_rate must be in [0, 1]"),
+                                 ("--ppo-iterations", "0", "ppo_iterations must be >= 1")):
+        with pytest.raises(SystemExit) as info:
+            cli_main(["quickstart", "--out", str(tmp_path / "qs"), flag, value])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()  # nothing started

@@ -44,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser, entries = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     config_cls, train_fn, stage_parser = entries[args.stage]
+    return run_from_args(stage_parser, args, config_cls, train_fn)
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, config_cls, run_fn) -> int:
+    """Build the config (its own validation errors worded for a person through the parser),
+    run, and print the result as JSON."""
     try:
         config = dataclass_from_args(config_cls, args)
-    except ValueError as e:  # the config's own validation, worded for a person
-        stage_parser.error(str(e))
-    result = train_fn(config)
+    except ValueError as e:
+        parser.error(str(e))
+    result = run_fn(config)
     if distributed.is_main():  # under torchrun, every rank returns the same metrics
         print(json.dumps(result, indent=2, default=str))
     return 0
@@ -61,13 +67,8 @@ def quickstart_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit quickstart", description=doc + " Serve the result with "
                                      "`rlhfkit serve --store OUT/store`.")
     add_dataclass_arguments(parser, QuickstartConfig)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = dataclass_from_args(QuickstartConfig, args)
-    except ValueError as e:
-        parser.error(str(e))
-    print(json.dumps(run_quickstart(config), indent=2, default=str))
-    return 0
+    return run_from_args(parser, parser.parse_args(sys.argv[1:] if argv is None else argv), QuickstartConfig,
+                         run_quickstart)
 
 
 if __name__ == "__main__":

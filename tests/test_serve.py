@@ -261,7 +261,7 @@ def _metric(server, name):
 def test_metrics(server, client):
     before, _ = _metric(server, "rlhfkit:generation_tokens_total")
     prompt_before, _ = _metric(server, "rlhfkit:prompt_tokens_total")
-    resp = client.generate(PROMPTS[1], max_new_tokens=7, n=3, temperature=1.0)
+    resp = client.generate(PROMPTS[1], max_new_tokens=7, n=3, temperature=1.0, ignore_eos=True)
     client.score([("a", "b")])
     wait_idle(server)
     after, text = _metric(server, "rlhfkit:generation_tokens_total")

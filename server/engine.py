@@ -197,7 +197,7 @@ class Engine:
                 admitted = []
                 while self._waiting:
                     req = self._waiting[0]
-                    cost = len(req.prompt_ids) * len(req.sequences)
+                    cost = len(req.prompt_ids)  # prefilled once for all its completions
                     if req.cancelled:
                         self._waiting.popleft()
                         continue
@@ -246,26 +246,30 @@ class Engine:
             self._sampling = None
 
     def _prefill(self, requests: list[Request]):
-        """Run the new prompts (left-padded together), sample their first tokens, and give
-        them rows of the cache."""
-        seqs = [s for r in requests for s in r.sequences]
-        lens = [len(s.request.prompt_ids) for s in seqs]
+        """Run the new prompts (left-padded together, each once however many completions it
+        asks for), sample every sequence's first token, and give each sequence a row of the
+        cache holding a copy of its prompt's K/V."""
+        lens = [len(r.prompt_ids) for r in requests]
         L = max(lens)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, L - lens[i]:] = torch.tensor(s.request.prompt_ids)
+        ids = torch.full((len(requests), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(requests), L), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, L - lens[i]:] = torch.tensor(r.prompt_ids)
             mask[i, L - lens[i]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
                          use_cache=True, logits_to_keep=1)
-        self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device),
-                            out.logits[:, -1])
+        seqs = [s for r in requests for s in r.sequences]
+        source = [i for i, r in enumerate(requests) for _ in r.sequences]  # prefill row of each sequence
+        logits = out.logits[:, -1]
+        if len(seqs) > len(requests):
+            logits = logits[torch.tensor(source, device=logits.device)]
+        self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device), logits)
         if self._cache is None:
             self._cache = SlotKVCache(len(out.past_key_values.layers), self.lm.context_length)
-        self._cache.add_rows(out.past_key_values, lens)
+        self._cache.add_rows(out.past_key_values, [lens[i] for i in source], source)
         self._running += seqs
         self._sampling = None
 

@@ -100,16 +100,18 @@ class SlotKVCache(Cache):
         self.capacity = new_cap
         self.row_index = torch.arange(new_rows, device=like.device)
 
-    def add_rows(self, prefill: DynamicCache, prompt_lens: list[int]):
-        """Append the sequences of a left-padded prefill batch as new rows."""
+    def add_rows(self, prefill: DynamicCache, prompt_lens: list[int], source: list[int] | None = None):
+        """Append sequences from a left-padded prefill batch as new rows: new row j copies
+        prefill row source[j] (default j; several rows may share one prefilled prompt)."""
         first = prefill.layers[0].keys
+        source = list(range(len(prompt_lens))) if source is None else source
         start = self.rows
         self._reserve(start + len(prompt_lens), max(self.lens + prompt_lens) + 1, first)
         width = first.shape[2]
         for li, layer in enumerate(prefill.layers):
-            for j, n in enumerate(prompt_lens):
-                self.k[li][start + j, :, :n] = layer.keys[j, :, width - n:]
-                self.v[li][start + j, :, :n] = layer.values[j, :, width - n:]
+            for j, (src, n) in enumerate(zip(source, prompt_lens)):
+                self.k[li][start + j, :, :n] = layer.keys[src, :, width - n:]
+                self.v[li][start + j, :, :n] = layer.values[src, :, width - n:]
         self.lens += prompt_lens
 
     def begin_decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

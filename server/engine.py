@@ -81,6 +81,14 @@ class Request:
         return bool(self.sequences) and all(s.finish_reason for s in self.sequences)
 
 
+@dataclass(eq=False)
+class PartialPrefill:
+    request: Request
+    cache: DynamicCache
+    done: int = 0  # prompt tokens prefilled so far
+    decode_turn: bool = False  # the running batch decodes before the next chunk
+
+
 def check_prompt(lm: LoadedModel, vocab_size: int, prompt_ids: list[int], params: SamplingParams):
     """Request checks that need the model (every engine runs them); raise SamplingParamsError
     naming the field."""
@@ -124,6 +132,7 @@ class Engine:
         self._running: list[Sequence] = []  # row b of the cache is self._running[b]
         self._cache: SlotKVCache | None = None
         self._sampling = None  # per-row (temperature, top_k, top_p), rebuilt when rows change
+        self._partial: PartialPrefill | None = None  # a long prompt being prefilled chunk by chunk
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
@@ -176,14 +185,16 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences decoding, or being prefilled in chunks."""
+        partial = self._partial
+        return len(self._running) + (len(partial.request.sequences) if partial else 0)
 
     # ---- engine thread ----------------------------------------------------------------
 
     def _loop(self):
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not len(self._running):
+                while not self._stopping and not self._waiting and not len(self._running) and not self._partial:
                     if self._draining:
                         return  # drained: nothing admitted, nothing waiting
                     self._cv.wait()
@@ -192,10 +203,12 @@ class Engine:
                 # Admit in arrival order while the batch has rows and the step's prefill
                 # budget lasts (one request always fits). A smaller prefill reaches its first
                 # token sooner; the requests behind it wait one step more.
+                # A prompt longer than the budget is admitted alone and prefilled in chunks
+                # of the budget, alternating with decode steps; it holds the head of the line.
                 free = self.max_num_seqs - len(self._running)
                 budget = self.max_prefill_tokens
                 admitted = []
-                while self._waiting:
+                while self._waiting and not self._partial:
                     req = self._waiting[0]
                     cost = len(req.prompt_ids)  # prefilled once for all its completions
                     if req.cancelled:
@@ -211,18 +224,19 @@ class Engine:
                     self._step(admitted)
             except Exception:  # a bug must not kill the loop silently: fail the batch loudly
                 log.exception("engine step failed; aborting the running requests")
-                for seq in self._running + [s for r in admitted for s in r.sequences]:
+                partial = self._partial.request.sequences if self._partial else []
+                for seq in self._running + [s for r in admitted for s in r.sequences] + partial:
                     if not seq.finish_reason:
                         seq.finish_reason = FINISH_ABORT
                         seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "engine error")])
-                self._running, self._cache, self._sampling = [], None, None
+                self._running, self._cache, self._sampling, self._partial = [], None, None, None
             self._update_gauges()
-        for seq in self._running:
+        for seq in self._running + (self._partial.request.sequences if self._partial else []):
             seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "shutdown")])
 
     def _update_gauges(self):
         if self.metrics:
-            self.metrics.num_requests_running.set(len({id(s.request) for s in self._running}))
+            self.metrics.num_requests_running.set(len({id(s.request) for s in self._running}) + bool(self._partial))
             self.metrics.num_requests_waiting.set(len(self._waiting))
 
     def _step(self, admitted: list[Request]):
@@ -234,9 +248,17 @@ class Engine:
                 for req in admitted:
                     self.metrics.request_queue_time.observe(now - req.arrival_time)
                     self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            self._prefill(admitted)
+            if len(admitted[0].prompt_ids) > self.max_prefill_tokens:
+                self._partial = PartialPrefill(admitted[0], DynamicCache())
+                self._prefill_chunk()
+            else:
+                self._prefill(admitted)
+        elif self._partial and not (self._running and self._partial.decode_turn):
+            self._prefill_chunk()
         elif self._running:
             self._decode()
+            if self._partial:
+                self._partial.decode_turn = False
         self._remove([i for i, s in enumerate(self._running) if s.finish_reason])
 
     def _remove(self, rows: list[int]):
@@ -261,15 +283,38 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
                          use_cache=True, logits_to_keep=1)
+        self._join(requests, out.logits[:, -1], out.past_key_values, lens)
+
+    def _prefill_chunk(self):
+        """The next max_prefill_tokens of the long prompt being prefilled; after the last
+        chunk its sequences join the batch."""
+        p = self._partial
+        req = p.request
+        if req.cancelled:
+            self._partial = None
+            return
+        end = min(p.done + self.max_prefill_tokens, len(req.prompt_ids))
+        ids = torch.tensor([req.prompt_ids[p.done:end]], device=self.device)
+        positions = torch.arange(p.done, end, device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
+                         past_key_values=p.cache, use_cache=True, logits_to_keep=1)
+        p.done, p.decode_turn = end, True
+        if end == len(req.prompt_ids):
+            self._partial = None
+            self._join([req], out.logits[:, -1], p.cache, [end])
+
+    def _join(self, requests: list[Request], last_logits: torch.Tensor, prefill: DynamicCache, lens: list[int]):
+        """Sample the first token of every sequence of these prefilled requests (row i of
+        last_logits and of the left-padded prefill cache is request i) and add them to the batch."""
         seqs = [s for r in requests for s in r.sequences]
         source = [i for i, r in enumerate(requests) for _ in r.sequences]  # prefill row of each sequence
-        logits = out.logits[:, -1]
+        logits = last_logits
         if len(seqs) > len(requests):
             logits = logits[torch.tensor(source, device=logits.device)]
         self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device), logits)
         if self._cache is None:
-            self._cache = SlotKVCache(len(out.past_key_values.layers), self.lm.context_length)
-        self._cache.add_rows(out.past_key_values, [lens[i] for i in source], source)
+            self._cache = SlotKVCache(len(prefill.layers), self.lm.context_length)
+        self._cache.add_rows(prefill, [lens[i] for i in source], source)
         self._running += seqs
         self._sampling = None
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 import urllib.request
 
@@ -12,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.clients import AsyncClient, Client, generate_request
+from rlhfkit.kernels import SamplingParams
 from rlhfkit.server.app import ServeConfig, ServerThread
 from rlhfkit.v1 import generation_pb2
 
@@ -409,20 +411,99 @@ def test_bfloat16_serving_matches_transformers_in_bfloat16(tiny_policy_dir, toke
         srv.stop()
 
 
-def test_prefill_budget_admits_one_request_per_step_and_keeps_parity(tiny_policy_dir, hf_policy, tokenizer):
-    # A budget of 1 token still admits one whole request per step: each prompt is prefilled
-    # alone while the earlier ones decode, and greedy output is unchanged.
+def test_prefill_budget_groups_waiting_requests_in_arrival_order(tiny_policy_dir, hf_policy, tokenizer):
+    # Five requests wait together (queued while the engine thread is held off); with a budget
+    # of the longest prompt, they are prefilled in arrival-order groups that fit it, each
+    # prompt whole, and greedy output is unchanged.
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    lens = [len(ids) for ids in prompt_ids]
+    budget = max(lens)
+    expected_groups, group = [], []
+    for n in lens:  # first fit, in order, by hand
+        if group and sum(group) + n > budget:
+            expected_groups.append(group)
+            group = []
+        group.append(n)
+    expected_groups.append(group)
+    assert 1 < len(expected_groups) < len(lens)
+
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu",
+                                   max_prefill_tokens=budget)).wait_loaded()
+    try:
+        eng = srv.server.state.registry.get("", "policy").engine
+        groups = []
+        real_prefill = eng._prefill
+        eng._prefill = lambda requests: (groups.append([len(r.prompt_ids) for r in requests]), real_prefill(requests))
+        tokens = [[] for _ in PROMPTS]
+        finished = threading.Semaphore(0)
+
+        def collect(i):
+            def on_output(outs):
+                for o in outs:
+                    tokens[i] += o.token_ids
+                    if o.finish_reason:
+                        finished.release()
+            return on_output
+
+        with eng._cv:  # the engine thread cannot admit until all five are queued
+            for i, ids in enumerate(prompt_ids):
+                eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=12), collect(i))
+        for _ in PROMPTS:
+            assert finished.acquire(timeout=30)
+        assert groups == expected_groups
+        assert tokens == [hf_greedy(hf_policy, tokenizer, p, 12) for p in PROMPTS]
+    finally:
+        srv.stop()
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_policy_dir, hf_policy, tokenizer):
+    # Budget 8: a long prompt is prefilled 8 tokens at a time, and a request already decoding
+    # takes a step between its chunks instead of stalling for the whole prefill.
+    srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu",
+                                   max_prefill_tokens=8)).wait_loaded()
+    long_prompt = " ".join([PROMPTS[1], PROMPTS[3], PROMPTS[1]])
+    n_prompt = len(tokenizer(long_prompt).input_ids)
+    try:
+        eng = srv.server.state.registry.get("", "policy").engine
+        steps = []
+        for name in ("_prefill", "_prefill_chunk", "_decode"):
+            real = getattr(eng, name)
+            setattr(eng, name, lambda *a, _real=real, _name=name: (steps.append(_name), _real(*a)))
+        expected_long = hf_greedy(hf_policy, tokenizer, long_prompt, 10)
+        expected_short = hf_greedy(hf_policy, tokenizer, PROMPTS[2], 60)
+        with Client(srv.address, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            short = pool.submit(c.generate, PROMPTS[2], max_new_tokens=60, ignore_eos=True)
+            deadline = time.monotonic() + 10
+            while "_decode" not in steps:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            long = pool.submit(c.generate, long_prompt, max_new_tokens=10)
+            assert list(long.result().completions[0].token_ids) == expected_long
+            assert list(short.result().completions[0].token_ids)[:len(expected_short)] == expected_short
+        chunks = [i for i, s in enumerate(steps) if s == "_prefill_chunk"]
+        assert n_prompt > 16 and len(chunks) == -(-n_prompt // 8)
+        # Between consecutive chunks the running request decoded once.
+        assert all(steps[a + 1:b] == ["_decode"] for a, b in zip(chunks, chunks[1:]))
+    finally:
+        srv.stop()
+
+
+def test_deadline_stops_a_chunked_prefill(tiny_policy_dir, tokenizer):
+    # Budget 1: a 200-token prompt takes 200 forward passes; a 50 ms deadline ends the call
+    # and the remaining chunks are never run.
     srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), port=0, device="cpu",
                                    max_prefill_tokens=1)).wait_loaded()
     try:
         eng = srv.server.state.registry.get("", "policy").engine
-        prefill_sizes = []
-        real_prefill = eng._prefill
-        eng._prefill = lambda requests: (prefill_sizes.append(len(requests)), real_prefill(requests))
-        expected = [hf_greedy(hf_policy, tokenizer, p, 24) for p in PROMPTS]
-        with Client(srv.address, timeout=60) as c, concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-            got = list(pool.map(lambda p: c.generate(p, max_new_tokens=24), PROMPTS))
-        assert [list(r.completions[0].token_ids) for r in got] == expected
-        assert prefill_sizes == [1] * len(PROMPTS)
+        chunks = []
+        real_chunk = eng._prefill_chunk
+        eng._prefill_chunk = lambda: (chunks.append(1), real_chunk())
+        ids = (tokenizer(PROMPTS[1]).input_ids * 20)[:200]
+        with Client(srv.address, timeout=60) as c:
+            code, _ = _status(lambda: c.generate(prompt_token_ids=ids, max_new_tokens=4, timeout=0.05))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_idle(srv, timeout=5)
+        time.sleep(0.1)
+        assert 0 < len(chunks) < 200 and eng.num_running == 0
     finally:
         srv.stop()

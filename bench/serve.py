@@ -193,7 +193,7 @@ def plot(result: dict, path: Path):
     b.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency")
     b.legend(fontsize=7)
     fig.suptitle(f"{result['model']['parameters'] / 1e6:.0f}M-param model, {result['prompt_tokens']} prompt + "
-                 f"{result['new_tokens']} new tokens, {result['device']} {result.get('dtype', 'float32')}")
+                 f"{result['new_tokens']} new tokens, {result['device']} {result['dtype']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

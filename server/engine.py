@@ -186,8 +186,11 @@ class Engine:
     @property
     def num_running(self) -> int:
         """Sequences decoding, or being prefilled in chunks."""
-        partial = self._partial
-        return len(self._running) + (len(partial.request.sequences) if partial else 0)
+        return len(self._running) + len(self._partial_sequences())
+
+    def _partial_sequences(self) -> list[Sequence]:
+        partial = self._partial  # read once: other threads ask for num_running
+        return partial.request.sequences if partial else []
 
     # ---- engine thread ----------------------------------------------------------------
 
@@ -201,10 +204,10 @@ class Engine:
                 if self._stopping:
                     break
                 # Admit in arrival order while the batch has rows and the step's prefill
-                # budget lasts (one request always fits). A smaller prefill reaches its first
-                # token sooner; the requests behind it wait one step more.
-                # A prompt longer than the budget is admitted alone and prefilled in chunks
-                # of the budget, alternating with decode steps; it holds the head of the line.
+                # budget lasts. A smaller prefill reaches its first token sooner; the requests
+                # behind it wait one step more. A prompt longer than the budget is admitted
+                # alone and prefilled in chunks of the budget, alternating with decode steps;
+                # it holds the head of the line until its last chunk.
                 free = self.max_num_seqs - len(self._running)
                 budget = self.max_prefill_tokens
                 admitted = []
@@ -224,14 +227,13 @@ class Engine:
                     self._step(admitted)
             except Exception:  # a bug must not kill the loop silently: fail the batch loudly
                 log.exception("engine step failed; aborting the running requests")
-                partial = self._partial.request.sequences if self._partial else []
-                for seq in self._running + [s for r in admitted for s in r.sequences] + partial:
+                for seq in self._running + [s for r in admitted for s in r.sequences] + self._partial_sequences():
                     if not seq.finish_reason:
                         seq.finish_reason = FINISH_ABORT
                         seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "engine error")])
                 self._running, self._cache, self._sampling, self._partial = [], None, None, None
             self._update_gauges()
-        for seq in self._running + (self._partial.request.sequences if self._partial else []):
+        for seq in self._running + self._partial_sequences():
             seq.request.on_output([SequenceOutput(seq.index, [], [], "", [], FINISH_ABORT, "shutdown")])
 
     def _update_gauges(self):
@@ -308,10 +310,9 @@ class Engine:
         last_logits and of the left-padded prefill cache is request i) and add them to the batch."""
         seqs = [s for r in requests for s in r.sequences]
         source = [i for i, r in enumerate(requests) for _ in r.sequences]  # prefill row of each sequence
-        logits = last_logits
         if len(seqs) > len(requests):
-            logits = logits[torch.tensor(source, device=logits.device)]
-        self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device), logits)
+            last_logits = last_logits[torch.tensor(source, device=last_logits.device)]
+        self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device), last_logits)
         if self._cache is None:
             self._cache = SlotKVCache(len(prefill.layers), self.lm.context_length)
         self._cache.add_rows(prefill, [lens[i] for i in source], source)

@@ -100,11 +100,10 @@ class SlotKVCache(Cache):
         self.capacity = new_cap
         self.row_index = torch.arange(new_rows, device=like.device)
 
-    def add_rows(self, prefill: DynamicCache, prompt_lens: list[int], source: list[int] | None = None):
+    def add_rows(self, prefill: DynamicCache, prompt_lens: list[int], source: list[int]):
         """Append sequences from a left-padded prefill batch as new rows: new row j copies
-        prefill row source[j] (default j; several rows may share one prefilled prompt)."""
+        prefill row source[j] (several rows may share one prefilled prompt)."""
         first = prefill.layers[0].keys
-        source = list(range(len(prompt_lens))) if source is None else source
         start = self.rows
         self._reserve(start + len(prompt_lens), max(self.lens + prompt_lens) + 1, first)
         width = first.shape[2]

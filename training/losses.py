@@ -34,10 +34,12 @@ def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> 
     return var
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Scale to unit variance over the counted entries (and centre unless `shift_mean` is
-    False: PPO whitens rewards without shifting them, so their sign survives)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    False: PPO whitens rewards without shifting them, so their sign survives). `stats`
+    gives the (mean, unbiased variance) to use instead of x's own, e.g. over every rank."""
+    mean, var = stats if stats is not None else (masked_mean(x, mask), masked_var(x, mask))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -176,12 +176,13 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
     """losses.whiten with the mean and (unbiased) variance of every rank's counted entries."""
     if distributed.world_size() == 1:
         return whiten(x, mask, eps=eps)
-    mask = mask.to(x.dtype)
-    total, count = distributed.all_sum([(x * mask).sum(), mask.sum()])
+    m = mask.to(x.dtype)
+    total, count = distributed.all_sum([(x * m).sum(), m.sum()])
     mean = total / max(count, 1)
-    [squares] = distributed.all_sum([((x - mean) ** 2 * mask).sum()])
+    [squares] = distributed.all_sum([((x - mean) ** 2 * m).sum()])
     var = squares / max(count, 1) * count / max(count - 1, 1)
-    return (x - mean) * (var + eps) ** -0.5 * mask
+    return whiten(x, mask, eps=eps, stats=(torch.tensor(mean, dtype=x.dtype, device=x.device),
+                                           torch.tensor(var, dtype=x.dtype, device=x.device)))
 
 
 # ---------------------------------------------------------------- training

@@ -12,6 +12,7 @@ same vote cannot both insert it.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,19 +22,44 @@ import sqlalchemy as sa
 
 CHOICES = ("left", "right", "tie", "both_bad")
 
+
+class ModelText(sa.TypeDecorator):
+    """Text as a model or a person wrote it, NUL characters included.
+
+    PostgreSQL text cannot hold U+0000, which a sampled response can contain (byte-level
+    tokenizers decode it). Such a value is stored as ESCAPED + its JSON (a JSON string has
+    no NUL), on every backend alike; so is one that happens to start with ESCAPED, so
+    reading back is unambiguous. Everything else is stored as it is.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+    ESCAPED = "\x1bjson:"
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and ("\x00" in value or value.startswith(self.ESCAPED)):
+            return self.ESCAPED + json.dumps(value)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.startswith(self.ESCAPED):
+            return json.loads(value[len(self.ESCAPED):])
+        return value
+
+
 metadata = sa.MetaData()
 comparisons = sa.Table(
     "rlhfkit_comparisons", metadata,
     sa.Column("comparison_id", sa.String(32), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("prompt", ModelText, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),  # "models" or "samples"
     sa.Column("left_model", sa.Text, nullable=False),
     sa.Column("left_model_version", sa.Text, nullable=False),
-    sa.Column("left_response", sa.Text, nullable=False),
+    sa.Column("left_response", ModelText, nullable=False),
     sa.Column("right_model", sa.Text, nullable=False),
     sa.Column("right_model_version", sa.Text, nullable=False),
-    sa.Column("right_response", sa.Text, nullable=False),
+    sa.Column("right_response", ModelText, nullable=False),
     sa.Column("sampling", sa.Text, nullable=False),  # the request's SamplingParams as JSON
 )
 votes = sa.Table(
@@ -41,9 +67,9 @@ votes = sa.Table(
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # vote order (online Elo)
     sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
     sa.Column("comparison_id", sa.String(32), sa.ForeignKey(comparisons.c.comparison_id), nullable=False),
-    sa.Column("annotator_id", sa.Text, nullable=False),
+    sa.Column("annotator_id", ModelText, nullable=False),
     sa.Column("choice", sa.String(16), nullable=False),
-    sa.Column("rationale", sa.Text),
+    sa.Column("rationale", ModelText),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"),
 )

@@ -70,6 +70,22 @@ def test_comparison_round_trip(store, url):
         store.get_comparison("nope")
 
 
+def test_text_with_nul_characters_round_trips(store, url):
+    # PostgreSQL text cannot hold U+0000, which a sampled response can contain; every value
+    # must still come back exactly as written, on both backends. "\x1bjson:..." is what an
+    # escaped value looks like, written here as plain text: it must come back as written too.
+    texts = ["al\x00rit", "\x00", "\x1bjson:\"x\"", "plain \\x00 text", "\ufffdsorta"]
+    for i, t in enumerate(texts):
+        cid = add(store, f"prompt {t}", ("m1", "m1@v1", t), ("m2", "m2@v1", t + "!"))
+        store.add_vote(cid, "left", f"annotator {t}", rationale=t)
+        c = FeedbackStore(url).get_comparison(cid)
+        assert (c["prompt"], c["left_response"], c["right_response"]) == (f"prompt {t}", t, t + "!")
+        again = store.add_vote(cid, "left", f"annotator {t}", rationale=t)  # found by its annotator
+        assert again.already_recorded and again.rationale == t
+    voted = store.voted_comparisons()
+    assert sorted(v["rationale"] for v in voted) == sorted(texts)
+
+
 def test_votes_idempotent_conflicting_and_bad(store):
     cid = add(store)
     v = store.add_vote(cid, "left", "alice", "better")

@@ -46,7 +46,10 @@ class SamplingParams:
     n: completions per prompt, 1..16.
     stop: strings that end generation; each non-empty.
     logprobs: top alternatives per position to return, 0..20.
-    ignore_eos: keep going after EOS.
+    ignore_eos: keep going after EOS (the model's end ids).
+    stop_token_ids: token ids that end generation (finish "stop"), EOS or not; each >= 0
+        (the vocabulary bound needs the model: the engine checks it).
+    include_stop_str_in_output: keep the stop string (or stop token's text) in the text.
     """
 
     temperature: float = 1.0
@@ -58,6 +61,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int = 0
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         t = self.temperature
@@ -76,6 +81,9 @@ class SamplingParams:
             raise SamplingParamsError("n", f"must be in [1, {MAX_N}], got {self.n}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop", "stop strings must be non-empty")
+        bad = [t for t in self.stop_token_ids if not isinstance(t, int) or t < 0]
+        if bad:
+            raise SamplingParamsError("stop_token_ids", f"token ids must be integers >= 0, got {bad[0]!r}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 

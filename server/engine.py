@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from rlhfkit.chat import end_token_ids
+from rlhfkit.hf import cache_kwargs, output_cache
 from rlhfkit.kernels import SamplingParams, SamplingParamsError, logprobs_from_logits, sample_tokens, sampling_tensors
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
@@ -49,6 +51,7 @@ class SequenceOutput:
     top_logprobs: list[list[tuple[int, float]]]
     finish_reason: str | None = None
     stop_reason: str = ""
+    stop_token_id: int | None = None  # the SamplingParams.stop_token_ids entry that ended it
 
 
 @dataclass(eq=False)
@@ -61,6 +64,7 @@ class Sequence:
     emitted_chars: int = 0
     finish_reason: str | None = None
     stop_reason: str = ""
+    stop_token_id: int | None = None
     last_token_time: float = 0.0
 
 
@@ -97,6 +101,9 @@ def check_prompt(lm: LoadedModel, vocab_size: int, prompt_ids: list[int], params
     bad = [t for t in prompt_ids if t >= vocab_size]
     if bad:
         raise SamplingParamsError("prompt_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise SamplingParamsError("stop_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
     if len(prompt_ids) + params.max_new_tokens > lm.context_length:
         raise SamplingParamsError(
             "max_new_tokens",
@@ -121,10 +128,9 @@ class Engine:
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
-        eos = getattr(lm.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = lm.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # The model's end ids (EOS, generation_config's list, the chat template's end of turn):
+        # the rule PPO rollouts and the vLLM engine stop on too.
+        self.eos_ids = end_token_ids(lm.tokenizer, lm.model.generation_config)
         self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(seed if seed is not None else torch.seed())
@@ -283,9 +289,9 @@ class Engine:
             mask[i, L - lens[i]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, DynamicCache()),
                          use_cache=True, logits_to_keep=1)
-        self._join(requests, out.logits[:, -1], out.past_key_values, lens)
+        self._join(requests, out.logits[:, -1], output_cache(out), lens)
 
     def _prefill_chunk(self):
         """The next max_prefill_tokens of the long prompt being prefilled; after the last
@@ -299,7 +305,7 @@ class Engine:
         ids = torch.tensor([req.prompt_ids[p.done:end]], device=self.device)
         positions = torch.arange(p.done, end, device=self.device)
         out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
-                         past_key_values=p.cache, use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, p.cache), use_cache=True, logits_to_keep=1)
         p.done, p.decode_turn = end, True
         if end == len(req.prompt_ids):
             self._partial = None
@@ -323,7 +329,7 @@ class Engine:
         last = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device).unsqueeze(-1)
         mask, positions, cache_position = self._cache.begin_decode()
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache_position=cache_position,
-                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, self._cache), use_cache=True, logits_to_keep=1)
         self._cache.end_decode()
         if self._sampling is None:
             self._sampling = sampling_tensors([s.request.params for s in self._running], self.device)
@@ -361,11 +367,13 @@ class Engine:
             seq.last_token_time = now
             if tok in self.eos_ids and not params.ignore_eos:
                 seq.finish_reason = FINISH_EOS
+            elif tok in params.stop_token_ids:
+                seq.finish_reason, seq.stop_token_id = FINISH_STOP, tok
             elif len(seq.token_ids) >= params.max_new_tokens:
                 seq.finish_reason = FINISH_LENGTH
             new_text = self._new_text(seq)
             outputs.setdefault(req, []).append(SequenceOutput(seq.index, [tok], [chosen[row]], new_text, top,
-                                                              seq.finish_reason, seq.stop_reason))
+                                                              seq.finish_reason, seq.stop_reason, seq.stop_token_id))
         # One delivery per request per step.
         for req, outs in outputs.items():
             req.on_output(outs)
@@ -375,9 +383,13 @@ class Engine:
     def _new_text(self, seq: Sequence) -> str:
         """Text to emit now: decoded so far, minus a tail that could still become a stop
         string or is an incomplete character; everything left once the sequence ends."""
-        stops = seq.request.params.stop
-        text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
-        if stops:
+        params = seq.request.params
+        stops = params.stop
+        ids = seq.token_ids
+        if seq.stop_token_id is not None and not params.include_stop_str_in_output:
+            ids = ids[:-1]  # the stop token's text is not part of the reply (vLLM's rule)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stops and seq.stop_token_id is None:
             # Search only where a stop string could newly appear.
             start = max(0, seq.emitted_chars - max(map(len, stops)))
             hits = [(text.find(s, start), s) for s in stops]
@@ -385,7 +397,7 @@ class Engine:
             if hits:
                 i, s = min(hits)
                 seq.finish_reason, seq.stop_reason = FINISH_STOP, s
-                text = text[:i]
+                text = text[:i + len(s)] if params.include_stop_str_in_output else text[:i]
         if seq.finish_reason:
             end = len(text)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.chat import Prompt, reward_ids
 from rlhfkit.kernels import (KL_ESTIMATORS, SamplingParamsError, full_kl_from_logits, kl_from_logprobs,
                              logprobs_from_logits)
 from rlhfkit.server.models import LoadedModel
@@ -21,12 +22,12 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def score_texts(rm: LoadedModel, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
-    """Rewards for (prompt, response) pairs, batched with right padding. The model reads
-    the reward at the last non-padding token (AutoModelForSequenceClassification's rule),
-    so padding does not change a score; plus the checkpoint's reward_bias, if any."""
-    tok = rm.tokenizer
-    encoded = [tok(p + r).input_ids for p, r in zip(prompts, responses)]
+def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: int = 32) -> list[float]:
+    """Rewards for (prompt, response) pairs, the prompt text or a conversation, rendered by
+    rlhfkit.chat.reward_ids as the RM trainer renders them; batched with right padding. The
+    model reads the reward at the last non-padding token (AutoModelForSequenceClassification's
+    rule), so padding does not change a score; plus the checkpoint's reward_bias, if any."""
+    encoded = [reward_ids(rm.tokenizer, p, r) for p, r in items]
     for i, ids in enumerate(encoded):
         if not ids:
             raise SamplingParamsError(f"items[{i}]", "prompt and response are both empty")

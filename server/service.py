@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from rlhfkit.chat import ChatFormatError, NoChatTemplateError, as_messages, prompt_ids, require_chat_template, reply_ids
 from rlhfkit.kernels import SamplingParams, SamplingParamsError
 from rlhfkit.server.engine import Engine, EngineStoppedError, QueueFullError, SequenceOutput
 from rlhfkit.server.feedback import ComparisonNotFoundError, FeedbackInputError, VoteConflictError
@@ -38,6 +39,8 @@ class StoreUnavailableError(RuntimeError):
 
 STATUS_FOR = {
     SamplingParamsError: grpc.StatusCode.INVALID_ARGUMENT,
+    ChatFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    NoChatTemplateError: grpc.StatusCode.FAILED_PRECONDITION,
     StoreError: grpc.StatusCode.INVALID_ARGUMENT,
     StoreUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -73,14 +76,28 @@ def sampling_from_proto(sp: gen_pb.SamplingParams) -> SamplingParams:
         stop=list(sp.stop),
         logprobs=sp.logprobs,
         ignore_eos=sp.ignore_eos,
+        stop_token_ids=list(sp.stop_token_ids),
+        include_stop_str_in_output=sp.include_stop_str_in_output,
     )
 
 
-def token_ids_from(tokenizer, text: str, ids, field: str, special_tokens: bool = True) -> list[int]:
-    """A prompt (or response) given as text or as token ids, exactly one of them."""
-    if text and ids:
-        raise SamplingParamsError(field, f"set {field} or {field}_token_ids, not both")
-    return tokenizer(text, add_special_tokens=special_tokens).input_ids if text else list(ids)
+def request_prompt(lm, text: str, messages, field: str = "", ids=()):
+    """The prompt of a request as rlhfkit.chat takes it: text, or a checked conversation
+    (which needs the model's chat template); at most one of text, ids and messages."""
+    given = [name for name, v in (("prompt", text), ("prompt_token_ids", ids), ("messages", messages)) if v]
+    if len(given) > 1:
+        raise SamplingParamsError(field + given[-1], f"set exactly one of {', '.join(field + g for g in given)}")
+    if not messages:
+        return text
+    require_chat_template(lm.tokenizer, lm.name)
+    return as_messages(messages, field + "messages")
+
+
+def request_prompt_ids(lm, text: str, ids, messages, field: str = "") -> list[int]:
+    """Prompt token ids from exactly one of text, token ids and messages (rendered with a
+    generation prompt, rlhfkit.chat's rule everywhere)."""
+    prompt = request_prompt(lm, text, messages, field, ids)
+    return prompt_ids(lm.tokenizer, prompt) if prompt else list(ids)
 
 
 class ServerState:
@@ -128,9 +145,9 @@ class GenerationService(gen_grpc.GenerationServicer):
         queue: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
         for attempt in (1, 2):
             lm = self.state.registry.get(request.model, "policy")
-            prompt_ids = token_ids_from(lm.tokenizer, request.prompt, request.prompt_token_ids, "prompt")
+            ids = request_prompt_ids(lm, request.prompt, request.prompt_token_ids, request.messages)
             try:
-                req = lm.engine.add_request(prompt_ids, params,
+                req = lm.engine.add_request(ids, params,
                                             lambda outs: loop.call_soon_threadsafe(queue.put_nowait, outs),
                                             request.request_id)
                 return lm.engine, req, queue
@@ -170,6 +187,8 @@ class GenerationService(gen_grpc.GenerationServicer):
                 if o.finish_reason:
                     c.finish_reason = FINISH_REASONS[o.finish_reason]
                     c.stop_reason = o.stop_reason
+                    if o.stop_token_id is not None:
+                        c.stop_token_id = o.stop_token_id
         return gen_pb.GenerateResponse(
             completions=completions, model_version=engine.lm.model_version, request_id=req.request_id,
             prompt_token_ids=req.prompt_ids,
@@ -189,18 +208,20 @@ class GenerationService(gen_grpc.GenerationServicer):
                     index=o.index, text=o.text, token_ids=o.token_ids, logprobs=o.logprobs,
                     finish_reason=FINISH_REASONS[o.finish_reason] if o.finish_reason else 0,
                     stop_reason=o.stop_reason, model_version=version, request_id=req.request_id,
-                    top_logprobs=_top_logprobs_pb(engine.tokenizer, o.top_logprobs))
+                    top_logprobs=_top_logprobs_pb(engine.tokenizer, o.top_logprobs), stop_token_id=o.stop_token_id)
 
 
 class RewardService(reward_grpc.RewardServicer):
     def __init__(self, state: ServerState):
         self.state = state
 
-    async def _score(self, model: str, prompts: list[str], responses: list[str]):
+    async def _score(self, model: str, items: list[tuple[str, object, str]]):
+        """items: (field prefix, prompt text, messages, response) per scored response."""
         self.state.check_ready()
         rm = self.state.registry.get(model, "reward")
+        pairs = [(request_prompt(rm, text, messages, field), response) for field, text, messages, response in items]
         start = time.monotonic()
-        rewards = await self.state.run_blocking(score_texts, rm, prompts, responses)
+        rewards = await self.state.run_blocking(score_texts, rm, pairs)
         self.state.metrics.score_latency.observe(time.monotonic() - start)
         self.state.metrics.scored_items.inc(len(rewards))
         return rm, rewards
@@ -209,16 +230,16 @@ class RewardService(reward_grpc.RewardServicer):
         try:
             if not request.items:
                 raise SamplingParamsError("items", "is empty: give at least one {prompt, response} item")
-            rm, rewards = await self._score(request.model, [i.prompt for i in request.items],
-                                            [i.response for i in request.items])
+            rm, rewards = await self._score(request.model, [(f"items[{n}].", i.prompt, i.messages, i.response)
+                                                            for n, i in enumerate(request.items)])
         except REQUEST_ERRORS as e:
             return await fail(self.state, context, "Score", e)
         return reward_pb.ScoreResponse(rewards=rewards, model_version=rm.model_version)
 
     async def Compare(self, request, context):
         try:
-            rm, (ra, rb) = await self._score(request.model, [request.prompt] * 2,
-                                             [request.response_a, request.response_b])
+            rm, (ra, rb) = await self._score(request.model, [("", request.prompt, request.messages, r)
+                                                             for r in (request.response_a, request.response_b)])
         except REQUEST_ERRORS as e:
             return await fail(self.state, context, "Compare", e)
         return reward_pb.CompareResponse(reward_a=ra, reward_b=rb, model_version=rm.model_version,
@@ -236,9 +257,17 @@ class RewardService(reward_grpc.RewardServicer):
                                       f"{policy.name}; KL needs the same tokenizer")
         items = []
         for i, it in enumerate(request.items):
-            p = token_ids_from(policy.tokenizer, it.prompt, it.prompt_token_ids, f"items[{i}].prompt")
-            r = token_ids_from(policy.tokenizer, it.response, it.response_token_ids, f"items[{i}].response",
-                               special_tokens=False)
+            prompt = request_prompt(policy, it.prompt, it.messages, f"items[{i}].", it.prompt_token_ids)
+            p = prompt_ids(policy.tokenizer, prompt) if prompt else list(it.prompt_token_ids)
+            if it.response and it.response_token_ids:
+                raise SamplingParamsError(f"items[{i}].response", f"set items[{i}].response or "
+                                          f"items[{i}].response_token_ids, not both")
+            if not it.response:
+                r = list(it.response_token_ids)
+            elif isinstance(prompt, list):  # the assistant turn as the template renders it
+                r = reply_ids(policy.tokenizer, prompt, it.response)
+            else:
+                r = policy.tokenizer(it.response, add_special_tokens=False).input_ids
             if not p or not r:
                 raise SamplingParamsError(f"items[{i}]", "needs a non-empty prompt and a non-empty response")
             if max(p + r) >= vocab:

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 
+from rlhfkit.chat import end_token_ids
 from rlhfkit.kernels import SamplingParams
 from rlhfkit.server.engine import (FINISH_ABORT, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineStoppedError,
                                    QueueFullError, Request, Sequence, SequenceOutput, check_prompt)
@@ -25,24 +26,31 @@ from rlhfkit.server.models import LoadedModel
 log = logging.getLogger(__name__)
 
 
-def to_vllm_params(params: SamplingParams):
+def to_vllm_params(params: SamplingParams, end_ids: set[int]):
+    """`end_ids`: the model's end ids (rlhfkit.chat.end_token_ids); vLLM stops on its EOS by
+    itself, and on the rest (the chat template's end of turn) as stop tokens."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(end_ids - set(params.stop_token_ids)))
     return VllmSamplingParams(
         n=params.n, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-        max_tokens=params.max_new_tokens, stop=list(params.stop), logprobs=params.logprobs,
-        ignore_eos=params.ignore_eos, output_kind=RequestOutputKind.DELTA)
+        max_tokens=params.max_new_tokens, stop=list(params.stop), stop_token_ids=stop_ids, logprobs=params.logprobs,
+        ignore_eos=params.ignore_eos, include_stop_str_in_output=params.include_stop_str_in_output,
+        output_kind=RequestOutputKind.DELTA)
 
 
-def finish_reason(vllm_reason: str | None, stop_reason) -> str | None:
-    """vLLM says "stop" both for EOS (stop_reason None) and for a stop string (the string)."""
+def finish_reason(vllm_reason: str | None, stop_reason, params: SamplingParams) -> str | None:
+    """vLLM says "stop" for EOS (stop_reason None), a stop string (the string) and a stop
+    token (its id): one of the request's stop_token_ids is a stop, a model end id is EOS."""
     if vllm_reason is None:
         return None
     if vllm_reason == "length":
         return FINISH_LENGTH
     if vllm_reason == "stop":
-        return FINISH_STOP if isinstance(stop_reason, str) else FINISH_EOS
+        if isinstance(stop_reason, str) or (isinstance(stop_reason, int) and stop_reason in params.stop_token_ids):
+            return FINISH_STOP
+        return FINISH_EOS
     return FINISH_ABORT
 
 
@@ -54,6 +62,7 @@ class VllmEngine:
 
         self.lm, self.tokenizer = lm, lm.tokenizer
         self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = end_token_ids(lm.tokenizer, lm.model.generation_config)
         self.max_waiting = max_waiting
         self.metrics = metrics
         self._tasks: dict[Request, asyncio.Future] = {}
@@ -134,7 +143,8 @@ class VllmEngine:
         try:
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            async for out in self.llm.generate({"prompt_token_ids": req.prompt_ids}, to_vllm_params(req.params),
+            async for out in self.llm.generate({"prompt_token_ids": req.prompt_ids},
+                                               to_vllm_params(req.params, self.eos_ids),
                                                request_id=f"{self._prefix}-{req.request_id}-{next(self._ids)}"):
                 now = time.monotonic()
                 outs = []
@@ -146,9 +156,12 @@ class VllmEngine:
                     top = [[(t, lp.logprob) for t, lp in sorted(d.items(), key=lambda kv: kv[1].rank or 0)
                             if lp.rank and lp.rank <= k][:k] for d in lps] if k else []
                     seq.token_ids += tokens
-                    seq.finish_reason = finish_reason(o.finish_reason, o.stop_reason)
+                    seq.finish_reason = finish_reason(o.finish_reason, o.stop_reason, req.params)
                     seq.stop_reason = o.stop_reason if isinstance(o.stop_reason, str) else ""
-                    outs.append(SequenceOutput(o.index, tokens, chosen, o.text, top, seq.finish_reason, seq.stop_reason))
+                    if seq.finish_reason == FINISH_STOP and isinstance(o.stop_reason, int):
+                        seq.stop_token_id = o.stop_reason
+                    outs.append(SequenceOutput(o.index, tokens, chosen, o.text, top, seq.finish_reason, seq.stop_reason,
+                                               seq.stop_token_id))
                     self._observe(req, o.index, now, len(tokens), last_time)
                 if outs:
                     req.on_output(outs)

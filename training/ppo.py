@@ -30,6 +30,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.hf import cache_kwargs, output_cache
+
 from . import distributed, task
 from .checkpoint import publish_checkpoint, read_info
 from .common import MetricsLog, batched, default_log_dir, encode, pick_device, seed_everything, warmup_cosine
@@ -107,7 +109,7 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = policy(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    cache, logits = output_cache(out), out.logits[:, -1].float()
     next_position = positions[:, -1] + 1
     temperatures = torch.full((B,), temperature, device=device)
     top_k, top_p = torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, device=device)
@@ -121,8 +123,8 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         out = policy(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                     past_key_values=cache, use_cache=True)
-        cache, logits, next_position = out.past_key_values, out.logits[:, -1].float(), next_position + 1
+                     **cache_kwargs(policy, cache), use_cache=True)
+        cache, logits, next_position = output_cache(out), out.logits[:, -1].float(), next_position + 1
     return prompts, prompt_mask, torch.stack(tokens, dim=1)
 
 

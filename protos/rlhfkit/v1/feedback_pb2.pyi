@@ -1,3 +1,4 @@
+from rlhfkit.v1 import chat_pb2 as _chat_pb2
 from rlhfkit.v1 import generation_pb2 as _generation_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -30,28 +31,32 @@ class ModelPair(_message.Message):
     def __init__(self, model_a: _Optional[str] = ..., model_b: _Optional[str] = ...) -> None: ...
 
 class CreateComparisonRequest(_message.Message):
-    __slots__ = ("prompt", "models", "samples_of", "sampling")
+    __slots__ = ("prompt", "models", "samples_of", "sampling", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_OF_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     models: ModelPair
     samples_of: str
     sampling: _generation_pb2.SamplingParams
-    def __init__(self, prompt: _Optional[str] = ..., models: _Optional[_Union[ModelPair, _Mapping]] = ..., samples_of: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., models: _Optional[_Union[ModelPair, _Mapping]] = ..., samples_of: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Comparison(_message.Message):
-    __slots__ = ("comparison_id", "prompt", "left", "right")
+    __slots__ = ("comparison_id", "prompt", "left", "right", "messages")
     COMPARISON_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     RIGHT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     comparison_id: str
     prompt: str
     left: str
     right: str
-    def __init__(self, comparison_id: _Optional[str] = ..., prompt: _Optional[str] = ..., left: _Optional[str] = ..., right: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]
+    def __init__(self, comparison_id: _Optional[str] = ..., prompt: _Optional[str] = ..., left: _Optional[str] = ..., right: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_chat_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class SubmitVoteRequest(_message.Message):
     __slots__ = ("comparison_id", "choice", "annotator_id", "rationale")

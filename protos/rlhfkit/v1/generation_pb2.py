@@ -22,33 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rlhfkit.v1 import chat_pb2 as rlhfkit_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhfkit/v1/generation.proto\x12\nrlhfkit.v1\"\xc5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\t\n\x01n\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x8c\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.rlhfkit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\";\n\x0bTopLogprobs\x12,\n\ncandidates\x18\x01 \x03(\x0b\x32\x18.rlhfkit.v1.TokenLogprob\"\xc3\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rlhfkit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.rlhfkit.v1.TopLogprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa6\x01\n\x10GenerateResponse\x12+\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x16.rlhfkit.v1.Completion\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.rlhfkit.v1.Usage\"\xf1\x01\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rlhfkit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x17.rlhfkit.v1.TopLogprobs*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\x9f\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.rlhfkit.v1.GenerateRequest\x1a\x1c.rlhfkit.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.rlhfkit.v1.GenerateRequest\x1a\x19.rlhfkit.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhfkit/v1/generation.proto\x12\nrlhfkit.v1\x1a\x15rlhfkit/v1/chat.proto\"\x81\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\t\n\x01n\x18\x06 \x01(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xb7\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.rlhfkit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x08messages\x18\x06 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\";\n\x0bTopLogprobs\x12,\n\ncandidates\x18\x01 \x03(\x0b\x32\x18.rlhfkit.v1.TokenLogprob\"\xf1\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rlhfkit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.rlhfkit.v1.TopLogprobs\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa6\x01\n\x10GenerateResponse\x12+\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x16.rlhfkit.v1.Completion\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.rlhfkit.v1.Usage\"\x9f\x02\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rlhfkit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x17.rlhfkit.v1.TopLogprobs\x12\x1a\n\rstop_token_id\x18\n \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\x9f\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.rlhfkit.v1.GenerateRequest\x1a\x1c.rlhfkit.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.rlhfkit.v1.GenerateRequest\x1a\x19.rlhfkit.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfkit.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1184
-  _globals['_FINISHREASON']._serialized_end=1327
-  _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=241
-  _globals['_GENERATEREQUEST']._serialized_start=244
-  _globals['_GENERATEREQUEST']._serialized_end=384
-  _globals['_TOKENLOGPROB']._serialized_start=386
-  _globals['_TOKENLOGPROB']._serialized_end=450
-  _globals['_TOPLOGPROBS']._serialized_start=452
-  _globals['_TOPLOGPROBS']._serialized_end=511
-  _globals['_COMPLETION']._serialized_start=514
-  _globals['_COMPLETION']._serialized_end=709
-  _globals['_USAGE']._serialized_start=711
-  _globals['_USAGE']._serialized_end=768
-  _globals['_GENERATERESPONSE']._serialized_start=771
-  _globals['_GENERATERESPONSE']._serialized_end=937
-  _globals['_GENERATECHUNK']._serialized_start=940
-  _globals['_GENERATECHUNK']._serialized_end=1181
-  _globals['_GENERATION']._serialized_start=1330
-  _globals['_GENERATION']._serialized_end=1489
+  _globals['_FINISHREASON']._serialized_start=1402
+  _globals['_FINISHREASON']._serialized_end=1545
+  _globals['_SAMPLINGPARAMS']._serialized_start=67
+  _globals['_SAMPLINGPARAMS']._serialized_end=324
+  _globals['_GENERATEREQUEST']._serialized_start=327
+  _globals['_GENERATEREQUEST']._serialized_end=510
+  _globals['_TOKENLOGPROB']._serialized_start=512
+  _globals['_TOKENLOGPROB']._serialized_end=576
+  _globals['_TOPLOGPROBS']._serialized_start=578
+  _globals['_TOPLOGPROBS']._serialized_end=637
+  _globals['_COMPLETION']._serialized_start=640
+  _globals['_COMPLETION']._serialized_end=881
+  _globals['_USAGE']._serialized_start=883
+  _globals['_USAGE']._serialized_end=940
+  _globals['_GENERATERESPONSE']._serialized_start=943
+  _globals['_GENERATERESPONSE']._serialized_end=1109
+  _globals['_GENERATECHUNK']._serialized_start=1112
+  _globals['_GENERATECHUNK']._serialized_end=1399
+  _globals['_GENERATION']._serialized_start=1548
+  _globals['_GENERATION']._serialized_end=1707
 # @@protoc_insertion_point(module_scope)

@@ -22,33 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rlhfkit.v1 import chat_pb2 as rlhfkit_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfkit/v1/reward.proto\x12\nrlhfkit.v1\"-\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"C\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.rlhfkit.v1.ScoreItem\"7\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"W\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nresponse_a\x18\x03 \x01(\t\x12\x12\n\nresponse_b\x18\x04 \x01(\t\"f\n\x0f\x43ompareResponse\x12\x10\n\x08reward_a\x18\x01 \x01(\x02\x12\x10\n\x08reward_b\x18\x02 \x01(\x02\x12\x18\n\x10prob_a_preferred\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"f\n\x0cLogProbsItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x04 \x03(\r\"\x8c\x01\n\x0fLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0freference_model\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.rlhfkit.v1.LogProbsItem\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xa8\x02\n\x0bTokenScores\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x14\n\x0cref_logprobs\x18\x03 \x03(\x02\x12\r\n\x05kl_k1\x18\x04 \x03(\x02\x12\r\n\x05kl_k2\x18\x05 \x03(\x02\x12\r\n\x05kl_k3\x18\x06 \x03(\x02\x12\x0f\n\x07kl_full\x18\x07 \x03(\x02\x12\x0f\n\x07\x65ntropy\x18\x08 \x03(\x02\x12\x13\n\x0blogprob_sum\x18\t \x01(\x02\x12\x17\n\x0fref_logprob_sum\x18\n \x01(\x02\x12\x11\n\tkl_k1_sum\x18\x0b \x01(\x02\x12\x11\n\tkl_k2_sum\x18\x0c \x01(\x02\x12\x11\n\tkl_k3_sum\x18\r \x01(\x02\x12\x13\n\x0bkl_full_sum\x18\x0e \x01(\x02\x12\x13\n\x0b\x65ntropy_sum\x18\x0f \x01(\x02\"n\n\x10LogProbsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rlhfkit.v1.TokenScores\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x19\n\x11reference_version\x18\x03 \x01(\t2\xd1\x01\n\x06Reward\x12<\n\x05Score\x12\x18.rlhfkit.v1.ScoreRequest\x1a\x19.rlhfkit.v1.ScoreResponse\x12\x42\n\x07\x43ompare\x12\x1a.rlhfkit.v1.CompareRequest\x1a\x1b.rlhfkit.v1.CompareResponse\x12\x45\n\x08LogProbs\x12\x1b.rlhfkit.v1.LogProbsRequest\x1a\x1c.rlhfkit.v1.LogProbsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhfkit/v1/reward.proto\x12\nrlhfkit.v1\x1a\x15rlhfkit/v1/chat.proto\"X\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"C\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.rlhfkit.v1.ScoreItem\"7\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x82\x01\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nresponse_a\x18\x03 \x01(\t\x12\x12\n\nresponse_b\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"f\n\x0f\x43ompareResponse\x12\x10\n\x08reward_a\x18\x01 \x01(\x02\x12\x10\n\x08reward_b\x18\x02 \x01(\x02\x12\x18\n\x10prob_a_preferred\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x91\x01\n\x0cLogProbsItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x04 \x03(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"\x8c\x01\n\x0fLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0freference_model\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.rlhfkit.v1.LogProbsItem\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xa8\x02\n\x0bTokenScores\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x14\n\x0cref_logprobs\x18\x03 \x03(\x02\x12\r\n\x05kl_k1\x18\x04 \x03(\x02\x12\r\n\x05kl_k2\x18\x05 \x03(\x02\x12\r\n\x05kl_k3\x18\x06 \x03(\x02\x12\x0f\n\x07kl_full\x18\x07 \x03(\x02\x12\x0f\n\x07\x65ntropy\x18\x08 \x03(\x02\x12\x13\n\x0blogprob_sum\x18\t \x01(\x02\x12\x17\n\x0fref_logprob_sum\x18\n \x01(\x02\x12\x11\n\tkl_k1_sum\x18\x0b \x01(\x02\x12\x11\n\tkl_k2_sum\x18\x0c \x01(\x02\x12\x11\n\tkl_k3_sum\x18\r \x01(\x02\x12\x13\n\x0bkl_full_sum\x18\x0e \x01(\x02\x12\x13\n\x0b\x65ntropy_sum\x18\x0f \x01(\x02\"n\n\x10LogProbsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rlhfkit.v1.TokenScores\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x19\n\x11reference_version\x18\x03 \x01(\t2\xd1\x01\n\x06Reward\x12<\n\x05Score\x12\x18.rlhfkit.v1.ScoreRequest\x1a\x19.rlhfkit.v1.ScoreResponse\x12\x42\n\x07\x43ompare\x12\x1a.rlhfkit.v1.CompareRequest\x1a\x1b.rlhfkit.v1.CompareResponse\x12\x45\n\x08LogProbs\x12\x1b.rlhfkit.v1.LogProbsRequest\x1a\x1c.rlhfkit.v1.LogProbsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfkit.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREITEM']._serialized_start=39
-  _globals['_SCOREITEM']._serialized_end=84
-  _globals['_SCOREREQUEST']._serialized_start=86
-  _globals['_SCOREREQUEST']._serialized_end=153
-  _globals['_SCORERESPONSE']._serialized_start=155
-  _globals['_SCORERESPONSE']._serialized_end=210
-  _globals['_COMPAREREQUEST']._serialized_start=212
-  _globals['_COMPAREREQUEST']._serialized_end=299
-  _globals['_COMPARERESPONSE']._serialized_start=301
-  _globals['_COMPARERESPONSE']._serialized_end=403
-  _globals['_LOGPROBSITEM']._serialized_start=405
-  _globals['_LOGPROBSITEM']._serialized_end=507
-  _globals['_LOGPROBSREQUEST']._serialized_start=510
-  _globals['_LOGPROBSREQUEST']._serialized_end=650
-  _globals['_TOKENSCORES']._serialized_start=653
-  _globals['_TOKENSCORES']._serialized_end=949
-  _globals['_LOGPROBSRESPONSE']._serialized_start=951
-  _globals['_LOGPROBSRESPONSE']._serialized_end=1061
-  _globals['_REWARD']._serialized_start=1064
-  _globals['_REWARD']._serialized_end=1273
+  _globals['_SCOREITEM']._serialized_start=62
+  _globals['_SCOREITEM']._serialized_end=150
+  _globals['_SCOREREQUEST']._serialized_start=152
+  _globals['_SCOREREQUEST']._serialized_end=219
+  _globals['_SCORERESPONSE']._serialized_start=221
+  _globals['_SCORERESPONSE']._serialized_end=276
+  _globals['_COMPAREREQUEST']._serialized_start=279
+  _globals['_COMPAREREQUEST']._serialized_end=409
+  _globals['_COMPARERESPONSE']._serialized_start=411
+  _globals['_COMPARERESPONSE']._serialized_end=513
+  _globals['_LOGPROBSITEM']._serialized_start=516
+  _globals['_LOGPROBSITEM']._serialized_end=661
+  _globals['_LOGPROBSREQUEST']._serialized_start=664
+  _globals['_LOGPROBSREQUEST']._serialized_end=804
+  _globals['_TOKENSCORES']._serialized_start=807
+  _globals['_TOKENSCORES']._serialized_end=1103
+  _globals['_LOGPROBSRESPONSE']._serialized_start=1105
+  _globals['_LOGPROBSRESPONSE']._serialized_end=1215
+  _globals['_REWARD']._serialized_start=1218
+  _globals['_REWARD']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

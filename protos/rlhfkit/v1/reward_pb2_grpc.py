@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class RewardStub:
     """Scalar rewards from a served reward model (AutoModelForSequenceClassification,
-    num_labels=1): the text prompt + response is scored at its last token.
+    num_labels=1): the text prompt + response is scored at its last token; a conversation
+    (messages) is scored as messages + [{assistant: response}] rendered with the reward
+    model's chat template, as TRL's RewardTrainer reads conversational data.
     """
 
     def __init__(self, channel):
@@ -55,7 +57,9 @@ class RewardStub:
 
 class RewardServicer:
     """Scalar rewards from a served reward model (AutoModelForSequenceClassification,
-    num_labels=1): the text prompt + response is scored at its last token.
+    num_labels=1): the text prompt + response is scored at its last token; a conversation
+    (messages) is scored as messages + [{assistant: response}] rendered with the reward
+    model's chat template, as TRL's RewardTrainer reads conversational data.
     """
 
     def Score(self, request, context):
@@ -107,7 +111,9 @@ def add_RewardServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Reward:
     """Scalar rewards from a served reward model (AutoModelForSequenceClassification,
-    num_labels=1): the text prompt + response is scored at its last token.
+    num_labels=1): the text prompt + response is scored at its last token; a conversation
+    (messages) is scored as messages + [{assistant: response}] rendered with the reward
+    model's chat template, as TRL's RewardTrainer reads conversational data.
     """
 
     @staticmethod

@@ -19,6 +19,13 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# ChatML, as Qwen2 chat models write it: each turn is <|im_start|>role\ncontent<|im_end|>\n and
+# <|im_end|> (a special token of its own, not EOS) ends the assistant's turn.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 _WORDS = (
     "the a one two three four five six seven eight nine ten red green blue small large "
@@ -60,6 +67,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         unk_token="<unk>",
         model_max_length=1_000_000,  # the model's config is the limit
     )
+
+
+def add_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Give a tokenizer the ChatML template and its two special tokens (in place; a model
+    built on it afterwards has room for them in its vocabulary)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2,

@@ -23,7 +23,7 @@ def test_quickstart_in_miniature(tmp_path, capsys):
     assert cli_main(["quickstart", "--out", str(out), "--hidden-size", "32", "--num-layers", "1", "--sft-steps", "3",
                      "--ppo-iterations", "1", "--batch-size", "16", "--n-sft", "48", "--n-pairs", "16",
                      "--n-prompts", "16", "--n-eval", "6", "--eval-samples", "2", "--dpo", "--device", "cpu",
-                     "--no-progress"]) == 0
+                     "--no-progress", "--format", "text"]) == 0
     store = out / "store"
     stages = {name: read_info(store / name)["stage"] for name in ("sft-1", "rm-1", "ppo-1", "dpo-1")}
     assert stages == {"sft-1": "sft", "rm-1": "rm", "ppo-1": "ppo", "dpo-1": "dpo"}

@@ -15,7 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import task
-from .common import batched, encode, pick_device
+from rlhfkit.chat import end_token_ids, prompt_ids
+
+from .common import batched, pick_device
 from .data import read_jsonl, write_jsonl
 from .ppo import decode_responses, generate, response_logprobs, response_mask_of
 
@@ -32,13 +34,13 @@ def sample_batches(policy, tokenizer, prompts: list[str], temperature: float, ge
     """Yield (prompts_text, prompt_ids, prompt_mask, response_ids, response_mask, texts) per batch:
     one response per prompt (repeat a prompt for more), sampled the way PPO's rollouts are
     (greedy at temperature 0)."""
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    end_ids = end_token_ids(tokenizer, policy.generation_config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for chunk in batched(prompts, batch_size):
-        ids, mask, responses = generate(policy, [encode(tokenizer, p) for p in chunk], max_new_tokens, temperature,
-                                        eos_id, pad_id, generator, device)
-        response_mask = response_mask_of(responses, eos_id)
-        yield chunk, ids, mask, responses, response_mask, decode_responses(tokenizer, responses, response_mask, eos_id)
+        ids, mask, responses = generate(policy, [prompt_ids(tokenizer, p) for p in chunk], max_new_tokens, temperature,
+                                        end_ids, pad_id, generator, device)
+        response_mask = response_mask_of(responses, end_ids)
+        yield chunk, ids, mask, responses, response_mask, decode_responses(tokenizer, responses, response_mask)
 
 
 def sample_texts(policy, tokenizer, prompts: list[str], temperature: float, seed: int, device, **kwargs) -> list[str]:

@@ -2,9 +2,10 @@
 reference (Ziegler et al. 2019) and optionally the pretraining mix (PPO-ptx).
 
 One iteration:
-  1. rollout: sample responses to a batch of prompts with the policy, through the same
+  1. rollout: sample responses to a batch of prompts (text, or conversations rendered by
+     rlhfkit.chat as the server renders them) with the policy, through the same
      sample_tokens the server uses (temperature only: top-k/top-p would change the
-     distribution the PPO ratio is taken against);
+     distribution the PPO ratio is taken against), ending at the server's end ids;
   2. score: the reward model reads prompt + response text the way the server's
      Reward.Score does (plus the RM's reward_bias); log-probs of the policy and the
      reference and the values come from one forward pass each;
@@ -30,15 +31,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.chat import end_token_ids, prompt_ids
 from rlhfkit.hf import cache_kwargs, output_cache
 
 from . import distributed, task
 from .checkpoint import publish_checkpoint, read_info
-from .common import MetricsLog, batched, default_log_dir, encode, pick_device, seed_everything, warmup_cosine
+from .common import MetricsLog, batched, default_log_dir, pick_device, seed_everything, warmup_cosine
 from .data import fingerprint_files, read_jsonl
 from .losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from .ops import fused_linear_logprobs, kl_from_logprobs, sample_tokens
-from .rm import score_texts
+from .rm import score_pairs
 from .sft import IGNORE, collate, sft_loss, tokenize_sft, trained_tokens
 
 
@@ -48,7 +50,7 @@ class PPOConfig:
 
     model: str = field(metadata={"help": "policy to start from (the SFT checkpoint)"})
     reward_model: str = field(metadata={"help": "reward model checkpoint (also the value model's starting point)"})
-    prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line"})
+    prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line: text, or a conversation (a list of messages)"})
     output_dir: str = field(metadata={"help": "where to publish the policy"})
     ref_model: str | None = field(default=None, metadata={"help": "reference policy for the KL penalty (default: --model)"})
     eval_prompts_file: str | None = field(default=None, metadata={"help": "held-out prompts: mean reward before and after"})
@@ -97,12 +99,18 @@ class PPOConfig:
 
 # ---------------------------------------------------------------- rollouts
 
+def end_id_tensor(eos_id, device) -> torch.Tensor:
+    """One end id, or the set of them (rlhfkit.chat.end_token_ids), as a 1-d tensor."""
+    return torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
+
+
 @torch.no_grad()
-def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
+def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id, pad_id: int,
              generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses with a KV cache. Prompts are left-padded (positions counted from
-    each prompt's first real token). Returns (prompt_ids [B, P] left-padded, prompt_mask,
-    response_ids [B, R] with pad after EOS)."""
+    each prompt's first real token). `eos_id`: the id, or the set of ids, that ends a
+    response (the server's rule: rlhfkit.chat.end_token_ids). Returns (prompt_ids [B, P]
+    left-padded, prompt_mask, response_ids [B, R] with pad after the end id)."""
     B = len(prompt_ids)
     width = max(len(p) for p in prompt_ids)
     prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
@@ -114,11 +122,12 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
     temperatures = torch.full((B,), temperature, device=device)
     top_k, top_p = torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, device=device)
     attention, tokens, done = prompt_mask, [], torch.zeros(B, dtype=torch.bool, device=device)
+    ends = end_id_tensor(eos_id, device)
     for _ in range(max_new_tokens):
         token = sample_tokens(logits, temperatures, top_k, top_p, default_generator=generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, ends)
         if bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
@@ -128,9 +137,9 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
     return prompts, prompt_mask, torch.stack(tokens, dim=1)
 
 
-def response_mask_of(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on response tokens up to and including the first EOS (all of them if none)."""
-    is_eos = (responses == eos_id).long()
+def response_mask_of(responses: torch.Tensor, eos_id) -> torch.Tensor:
+    """1 on response tokens up to and including the first end id (all of them if none)."""
+    is_eos = torch.isin(responses, end_id_tensor(eos_id, responses.device)).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_eos).long()
 
@@ -159,8 +168,9 @@ def response_values(value_model, prompts, prompt_mask, responses, response_mask)
     return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float() * response_mask
 
 
-def decode_responses(tokenizer, responses, response_mask, eos_id: int) -> list[str]:
-    return [tokenizer.decode([t for t, m in zip(row, mask) if m and t != eos_id])
+def decode_responses(tokenizer, responses, response_mask) -> list[str]:
+    """The responses' text as the server returns it: special tokens (the end id) skipped."""
+    return [tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True)
             for row, mask in zip(responses.tolist(), response_mask.tolist())]
 
 
@@ -204,20 +214,20 @@ def _load(config: PPOConfig, device):
 @torch.no_grad()
 def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_model, value_model, config, kl_coef,
                   reward_bias, generator, device) -> dict:
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    prompt_ids = [encode(tokenizer, p)[-config.max_prompt_length:] for p in prompts_text]
+    end_ids = end_token_ids(tokenizer, policy.generation_config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in prompts_text]
     policy.eval()
-    prompts, prompt_mask, responses = generate(policy, prompt_ids, config.max_new_tokens, config.temperature, eos_id,
+    prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature, end_ids,
                                                pad_id, generator, device)
-    mask = response_mask_of(responses, eos_id)
+    mask = response_mask_of(responses, end_ids)
     logprobs = response_logprobs(policy, prompts, prompt_mask, responses, mask, config.temperature)
     ref_logprobs = response_logprobs(ref, prompts, prompt_mask, responses, mask, config.temperature)
     values = response_values(value_model, prompts, prompt_mask, responses, mask)
-    texts = decode_responses(tokenizer, responses, mask, eos_id)
-    scores = score_texts(reward_model, rm_tokenizer, [p + t for p, t in zip(prompts_text, texts)], 1 << 30, device)
+    texts = decode_responses(tokenizer, responses, mask)
+    scores = score_pairs(reward_model, rm_tokenizer, list(zip(prompts_text, texts)), 1 << 30, device)
     scores = scores + reward_bias
-    ended = (responses == eos_id).any(-1)
+    ended = torch.isin(responses, end_id_tensor(end_ids, device)).any(-1)
     scores = scores - config.missing_eos_penalty * (~ended).float()
     rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
@@ -234,15 +244,15 @@ def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config
     evals), and the bundled task's gold utility when the prompts are the task's."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 12345 + distributed.rank())
     scores, utilities = [], []
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    end_ids = end_token_ids(tokenizer, policy.generation_config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy.eval()
     for chunk in batched(distributed.shard(prompts_text), config.rollout_batch_size):
-        prompt_ids = [encode(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
-        prompts, prompt_mask, responses = generate(policy, prompt_ids, config.max_new_tokens, config.temperature,
-                                                   eos_id, pad_id, generator, device)
-        texts = decode_responses(tokenizer, responses, response_mask_of(responses, eos_id), eos_id)
-        scores += (score_texts(reward_model, rm_tokenizer, [p + t for p, t in zip(chunk, texts)], 1 << 30, device)
+        ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
+        prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature,
+                                                   end_ids, pad_id, generator, device)
+        texts = decode_responses(tokenizer, responses, response_mask_of(responses, end_ids))
+        scores += (score_pairs(reward_model, rm_tokenizer, list(zip(chunk, texts)), 1 << 30, device)
                    + reward_bias).tolist()
         for p, t in zip(chunk, texts):
             try:

@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from . import task
 from .common import pick_device
@@ -55,6 +56,7 @@ class QuickstartConfig:
     n_eval: int = field(default=200, metadata={"help": "held-out prompts of the evaluation"})
     eval_samples: int = field(default=4, metadata={"help": "sampled response pairs per held-out prompt for the win rate"})
     annotator_temperature: float = field(default=0.1, metadata={"help": "annotator noise: P(a > b) = sigmoid((u_a - u_b) / T)"})
+    format: Literal["chat", "text"] = field(default="chat", metadata={"help": "chat: the task as conversations through the model's chat template (ChatML for the model from scratch), the path a chat model takes; text: plain prompt/completion strings"})
     dpo: bool = field(default=False, metadata={"help": "also train a DPO policy from the SFT one and judge it the same way"})
     seed: int = field(default=0, metadata={"help": "seed of the data, the model and every run"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
@@ -77,13 +79,15 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     device = str(pick_device(c.device))
     files = {k: str(v) for k, v in task.write_task_data(data, n_sft=c.n_sft, n_pairs=c.n_pairs, n_rankings=100,
                                                          n_prompts=c.n_prompts, n_eval=c.n_eval, seed=c.seed,
-                                                         chatter_rate=c.chatter_rate).items()}
+                                                         chatter_rate=c.chatter_rate, data_format=c.format).items()}
     eval_prompts = [r["prompt"] for r in read_jsonl(files["prompts_eval"], "prompts")]
     base = c.model
     if base is None:
-        from .tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
+        from .tiny import add_chat_template, make_tiny_checkpoint, sample_corpus, train_tokenizer
 
         tokenizer = train_tokenizer(sample_corpus() + task.all_task_texts(2000))
+        if c.format == "chat":  # ChatML with its own end-of-turn token, as a chat model's tokenizer has
+            add_chat_template(tokenizer)
         base = str(make_tiny_checkpoint(out / "base", tokenizer=tokenizer, seed=c.seed, hidden_size=c.hidden_size,
                                         num_layers=c.num_layers))
     common = dict(batch_size=c.batch_size, seed=c.seed, device=c.device, progress=c.progress, overwrite=True)
@@ -246,7 +250,10 @@ def report_markdown(report: dict, out: Path) -> str:
         "",
         "```bash",
         f"rlhfkit serve --store {out / 'store'}",
-        "rlhfkit generate $'sort the numbers: 7 3 9 1\\nanswer:' --temperature 1 --seed 0",
+        *(["echo '[{\"role\": \"user\", \"content\": \"sort the numbers: 7 3 9 1\"}]' | "
+           "rlhfkit generate --messages - --temperature 1 --seed 0", "rlhfkit chat"]
+          if report["config"]["format"] == "chat" else
+          ["rlhfkit generate $'sort the numbers: 7 3 9 1\\nanswer:' --temperature 1 --seed 0"]),
         "```",
         "",
     ]

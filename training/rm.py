@@ -2,8 +2,9 @@
 
 The RM starts from the SFT policy with its unembedding replaced by a scalar head
 (AutoModelForSequenceClassification, num_labels=1: TRL's RewardTrainer format). It reads
-prompt + response as one string, encoded by tokenizer(text), and its reward is the head
-at the last non-padding token: exactly how the server's Reward.Score reads it.
+prompt + response as one string, or a conversation ending with the response's assistant
+turn rendered with the chat template (rlhfkit.chat.reward_ids), and its reward is the
+head at the last non-padding token: exactly how the server's Reward.Score reads it.
 
 Preferences are rankings of two. All responses of a batch's prompts go through one
 forward pass, and a ranking of K contributes all its C(K,2) pairs as one element
@@ -24,8 +25,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import distributed
 from .checkpoint import publish_checkpoint
-from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
-from .data import fingerprint_files, read_jsonl
+from rlhfkit.chat import reward_ids
+
+from .common import TrainConfig, batched, pad_right, pick_device, seed_everything
+from .data import fingerprint_files, read_jsonl, sft_pair
 from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
 
 
@@ -34,7 +37,7 @@ class RMConfig(TrainConfig):
     """Train a reward model on preference pairs or K-wise rankings (JSONL)."""
 
     model: str = field(metadata={"help": "SFT checkpoint to start from; its LM head is replaced by a scalar head"})
-    train_file: str = field(metadata={"help": "preferences {prompt, chosen, rejected[, margin]} or rankings {prompt, responses: [best, ..., worst]}"})
+    train_file: str = field(metadata={"help": "preferences {prompt, chosen, rejected[, margin]} or rankings {prompt, responses: [best, ..., worst]}, text or conversations (TRL's formats, the implicit-prompt {chosen, rejected} too)"})
     output_dir: str = field(metadata={"help": "where to publish the reward model"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out preferences or rankings: pairwise accuracy"})
     data_format: Literal["auto", "preferences", "rankings"] = field(default="auto", metadata={"help": "format of the data files (auto: by the first line's keys)"})
@@ -46,7 +49,8 @@ class RMConfig(TrainConfig):
     center_coef: float = field(default=0.0, metadata={"help": "penalise the rewards' offset: coef * mean((r_c + r_r)^2) (TRL center_rewards_coefficient)"})
 
 def read_rankings(path: str, data_format: str) -> list[dict]:
-    """Either format as {"prompt", "responses": [best, ...], "margin": float | None}."""
+    """Either format as {"prompt", "responses": [best, ...], "margin": float | None}; the
+    prompt text or a conversation, each response text or a list of messages."""
     if data_format == "auto":
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")
@@ -58,15 +62,11 @@ def read_rankings(path: str, data_format: str) -> list[dict]:
             for r in records]
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    # Keep the end: the reward is read at the last token.
-    return [encode(tokenizer, t)[-max_length:] for t in texts]
-
-
-def score_texts(model, tokenizer, texts: list[str], max_length: int, device) -> torch.Tensor:
-    """Rewards [N] of full texts (prompt + response), right-padded so the model reads the
-    last non-padding token."""
-    ids = encode_texts(tokenizer, texts, max_length)
+def score_pairs(model, tokenizer, pairs: list[tuple], max_length: int, device) -> torch.Tensor:
+    """Rewards [N] of (prompt, response) pairs, rendered by rlhfkit.chat.reward_ids as the
+    server's Reward.Score renders them; right-padded so the model reads the last
+    non-padding token, truncated keeping the end (where the reward is read)."""
+    ids = [reward_ids(tokenizer, p, r)[-max_length:] for p, r in pairs]
     input_ids = pad_right(ids, tokenizer.pad_token_id).to(device)
     attention_mask = pad_right([[1] * len(x) for x in ids], 0).to(device)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
@@ -74,8 +74,7 @@ def score_texts(model, tokenizer, texts: list[str], max_length: int, device) -> 
 
 def group_rewards(model, tokenizer, groups: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over every response of every group: rewards [B, Kmax] and mask."""
-    texts = [g["prompt"] + r for g in groups for r in g["responses"]]
-    flat = score_texts(model, tokenizer, texts, max_length, device)
+    flat = score_pairs(model, tokenizer, [(g["prompt"], r) for g in groups for r in g["responses"]], max_length, device)
     k_max = max(len(g["responses"]) for g in groups)
     rewards = torch.zeros(len(groups), k_max, device=device)
     mask = torch.zeros(len(groups), k_max, dtype=torch.bool, device=device)
@@ -127,11 +126,11 @@ def evaluate(model, tokenizer, groups, config: RMConfig, device) -> dict:
 @torch.no_grad()
 def mean_reward(model, tokenizer, records: list[dict], config: RMConfig, device) -> float:
     model.eval()
-    texts = [r["prompt"] + r["completion"] for r in records]
-    total = sum(score_texts(model, tokenizer, chunk, config.max_length, device).sum().item()
-                for chunk in batched(distributed.shard(texts), config.batch_size))
+    pairs = [sft_pair(r) for r in records]
+    total = sum(score_pairs(model, tokenizer, chunk, config.max_length, device).sum().item()
+                for chunk in batched(distributed.shard(pairs), config.batch_size))
     [total] = distributed.all_sum([total])
-    return total / len(texts)
+    return total / len(pairs)
 
 
 def train_rm(config: RMConfig) -> dict:

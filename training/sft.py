@@ -1,7 +1,8 @@
 """Supervised fine-tuning on demonstrations (InstructGPT step 1).
 
-Each example is prompt + completion + EOS; only completion and EOS tokens are trained on
-(the prompt is given, not predicted). The loss is the mean negative log-prob per trained
+Each example is prompt + completion + EOS, or a conversation rendered with the model's chat
+template (rlhfkit.chat); only the completion (the assistant turns, each through its
+end-of-turn token) is trained on: the prompt is given, not predicted. The loss is the mean negative log-prob per trained
 token, computed by the shared kernel straight from the last hidden states and the LM head
 weight, so the [tokens, vocab] logits never exist in full.
 """
@@ -17,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import distributed
 from .checkpoint import publish_checkpoint
-from .common import TrainConfig, batched, encode, pad_right, pick_device, seed_everything
+from rlhfkit.chat import prompt_ids, render_conversation, reply_ids
+
+from .common import TrainConfig, batched, pad_right, pick_device, seed_everything
 from .data import fingerprint_files, read_jsonl
 from .ops import fused_linear_logprobs
 
@@ -29,22 +32,29 @@ class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on {"prompt", "completion"} JSONL."""
 
     model: str = field(metadata={"help": "checkpoint to start from (a Hugging Face directory)"})
-    train_file: str = field(metadata={"help": "SFT JSONL, one {\"prompt\", \"completion\"} per line"})
+    train_file: str = field(metadata={"help": "SFT JSONL: {\"prompt\", \"completion\"} per line (text), or conversations: {\"messages\"} or {\"prompt\": [msgs], \"completion\": [msgs]}"})
     output_dir: str = field(metadata={"help": "where to publish the fine-tuned checkpoint"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out SFT JSONL for the eval loss"})
     max_length: int = field(default=256, metadata={"help": "truncate prompt + completion + EOS to this many tokens"})
 
 
 def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record: labels are IGNORE on the prompt. Prompt and completion
-    are encoded separately, as at generation time the completion follows the prompt's
-    tokens. Records whose completion does not fit at all are dropped."""
+    """(input_ids, labels) per record, rendered by rlhfkit.chat as the server renders them:
+    labels are IGNORE except on what the policy is to produce. Text: the prompt's tokens,
+    then the completion's and EOS (encoded separately, as at generation time the completion
+    follows the prompt's tokens). A conversation: every assistant turn (after the prompt,
+    for prompt/completion records) through its end-of-turn token. Records whose trained
+    tokens do not fit at all are dropped."""
     examples = []
     for r in records:
-        prompt_ids = encode(tokenizer, r["prompt"])
-        completion_ids = encode(tokenizer, r["completion"], special_tokens=False) + [tokenizer.eos_token_id]
-        ids = (prompt_ids + completion_ids)[:max_length]
-        labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
+        if "messages" in r:
+            ids, mask = render_conversation(tokenizer, r["messages"])
+            labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+        else:
+            prompt = prompt_ids(tokenizer, r["prompt"])
+            reply = reply_ids(tokenizer, r["prompt"], r["completion"])
+            ids, labels = prompt + reply, [IGNORE] * len(prompt) + reply
+        ids, labels = ids[:max_length], labels[:max_length]
         if any(label != IGNORE for label in labels[1:]):
             examples.append((ids, labels))
     return examples

@@ -23,6 +23,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .data import write_jsonl
 
@@ -32,7 +33,8 @@ _INSTRUCTIONS = {"sort": "sort the numbers", "reverse": "reverse the words", "co
 # Filler demonstrators put before an answer; annotators discount an answer wrapped in it.
 CHATTER = ("sure", "ok so", "the answer is", "sure the answer is", "here it is")
 CHATTER_COST = 0.3
-_PROMPT_RE = re.compile(r"^(sort the numbers|reverse the words|count the words): (.*)\nanswer:$")
+_PROMPT_RE = re.compile(r"^(sort the numbers|reverse the words|count the words): (.*?)(?:\nanswer:)?$")
+ANSWER_CUE = "\nanswer:"  # ends a text prompt; a chat prompt needs none (the template marks the reply)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,16 @@ def make_example(rng: random.Random, min_items: int = 2, max_items: int = 5) -> 
     return Example(kind, items)
 
 
-def parse_prompt(prompt: str) -> Example:
-    match = _PROMPT_RE.match(prompt)
+def prompt_text(prompt) -> str:
+    """The instruction of a prompt: the text itself, or a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def parse_prompt(prompt) -> Example:
+    """The example behind a text prompt or a conversation (its last user turn)."""
+    match = _PROMPT_RE.match(prompt_text(prompt))
     if not match:
         raise ValueError(f"not a prompt of the bundled task: {prompt!r}")
     kind = next(k for k, text in _INSTRUCTIONS.items() if text == match.group(1))
@@ -96,11 +106,18 @@ def correctness(example: Example, got: list[str]) -> float:
     return sum(a == b for a, b in zip(target, got)) / max(len(target), len(got))
 
 
-def utility(prompt: str, response: str) -> float:
+def response_text(response) -> str:
+    """A response's text: itself, or the content of a conversational reply's assistant turns."""
+    if isinstance(response, str):
+        return response
+    return " ".join(m["content"] for m in response if m["role"] == "assistant")
+
+
+def utility(prompt, response) -> float:
     """The annotators' hidden utility in [0, 1]: the correctness of the answer, times
     1 - CHATTER_COST when it is wrapped in chatter. This is also the gold reward to evaluate
     a trained policy with."""
-    chatty, got = strip_chatter(response.split())
+    chatty, got = strip_chatter(response_text(response).split())
     return correctness(parse_prompt(prompt), got) * (1.0 - CHATTER_COST if chatty else 1.0)
 
 
@@ -226,12 +243,39 @@ def prompt_records(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": make_example(rng).prompt} for _ in range(n)]
 
 
+def _user(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt.removesuffix(ANSWER_CUE)}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text.removeprefix(" ")}]
+
+
+def as_conversation(record: dict) -> dict:
+    """A text record of the task in TRL's conversational form: the instruction as the user
+    turn (without the answer cue), each response as an assistant turn (without the space
+    that follows the cue). Utilities are unchanged: they read the words."""
+    out = {k: v for k, v in record.items() if k not in ("prompt", "completion", "chosen", "rejected", "responses")}
+    if "completion" in record:
+        return {"messages": _user(record["prompt"]) + _assistant(record["completion"]), **out}
+    out["prompt"] = _user(record["prompt"])
+    for key in ("chosen", "rejected"):
+        if key in record:
+            out[key] = _assistant(record[key])
+    if "responses" in record:
+        out["responses"] = [_assistant(r) for r in record["responses"]]
+    return out
+
+
 def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000, n_rankings: int = 500,
                     n_prompts: int = 500, n_eval: int = 200, seed: int = 0, error_rate: float = 0.2,
-                    temperature: float = 0.1, chatter_rate: float = 0.6) -> dict[str, Path]:
+                    temperature: float = 0.1, chatter_rate: float = 0.6, data_format: str = "text") -> dict[str, Path]:
     """Write train and eval files of every format under `out_dir`; returns name -> path.
     Train and eval use different seeds (the same prompt may still appear in both: the
-    task is small). The eval demonstrations are what annotators want: right, no chatter."""
+    task is small). The eval demonstrations are what annotators want: right, no chatter.
+    data_format "chat" writes TRL's conversational forms (for a model with a chat template)."""
+    if data_format not in ("text", "chat"):
+        raise ValueError(f"data_format must be 'text' or 'chat', got {data_format!r}")
     out = Path(out_dir)
     files = {
         "sft": sft_records(n_sft, seed, error_rate, chatter_rate),
@@ -242,6 +286,8 @@ def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000,
         "prompts": prompt_records(n_prompts, seed + 5),
         "prompts_eval": prompt_records(n_eval, seed + 6),
     }
+    if data_format == "chat":
+        files = {name: [as_conversation(r) for r in records] for name, records in files.items()}
     return {name: write_jsonl(out / f"{name}.jsonl", records) for name, records in files.items()}
 
 
@@ -259,6 +305,7 @@ class TaskDataConfig:
     error_rate: float = field(default=0.2, metadata={"help": "fraction of demonstrations with a mistake"})
     chatter_rate: float = field(default=0.6, metadata={"help": "fraction of demonstrations wrapped in chatter the annotators dislike"})
     temperature: float = field(default=0.1, metadata={"help": "annotator noise: P(a > b) = sigmoid((u_a - u_b) / temperature); 0 is noiseless"})
+    format: Literal["chat", "text"] = field(default="chat", metadata={"help": "chat: TRL's conversational records ({\"messages\"}, {\"prompt\": [msgs], ...}) for a model with a chat template; text: plain prompt/completion strings"})
 
     def __post_init__(self):
         for name in ("error_rate", "chatter_rate"):
@@ -271,7 +318,7 @@ class TaskDataConfig:
 def write_task_data_from_config(config: TaskDataConfig) -> dict[str, str]:
     c = config
     files = write_task_data(c.output_dir, c.n_sft, c.n_pairs, c.n_rankings, c.n_prompts, c.n_eval, c.seed,
-                            c.error_rate, c.temperature, c.chatter_rate)
+                            c.error_rate, c.temperature, c.chatter_rate, c.format)
     return {name: str(path) for name, path in files.items()}
 
 

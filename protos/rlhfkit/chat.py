@@ -74,7 +74,9 @@ def _apply(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[i
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     except Exception as e:  # jinja's TemplateError (e.g. "roles must alternate"), a missing template
         if not has_chat_template(tokenizer):
-            raise NoChatTemplateError("the tokenizer has no chat template; it cannot render messages") from None
+            raise NoChatTemplateError("the tokenizer has no chat template, so it cannot render a conversation: use a "
+                                      "chat model's tokenizer (one with a chat_template), or give prompts as text "
+                                      "(`rlhfkit train data --format text`)") from None
         raise ChatFormatError("messages", f"the chat template refused the conversation: {e}") from None
     ids = out["input_ids"] if hasattr(out, "keys") else out  # a BatchEncoding in transformers 5, a list before
     return list(ids)

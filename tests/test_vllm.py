@@ -131,3 +131,45 @@ def test_same_validation_and_cancellation(server, client):
     with pytest.raises(grpc.RpcError) as e:
         client.generate("the cat", max_new_tokens=250, ignore_eos=True, timeout=0.02)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_messages_render_the_template_and_end_at_end_of_turn(tmp_path, tiny_tokenizer):
+    """The chat path through vLLM: prompt ids as apply_chat_template gives them, and the
+    template's <|im_end|> (not vLLM's EOS) ends the reply as FINISH_REASON_EOS."""
+    from copy import deepcopy
+
+    from rlhfkit.training.tiny import add_chat_template
+    from rlhfkit.v1 import chat_pb2
+
+    tok = add_chat_template(deepcopy(tiny_tokenizer))
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_llama_config(tok, hidden_size=128, num_heads=2, num_kv_heads=2, num_layers=2)).eval()
+    messages = [{"role": "user", "content": "count the words: cat dog"}]
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        plain = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+        fourth = plain[0, len(prompt) + 3].item()
+        w = model.lm_head.weight
+        w[[eot, fourth]] = w[[fourth, eot]]  # the 4th greedy token's logits now belong to <|im_end|>
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                             eos_token_id=[eot, tok.eos_token_id])
+    expected = out[0, len(prompt):].tolist()
+    assert expected[-1] == eot
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    srv = ServerThread(ServeConfig(policy=str(tmp_path), port=0, device="cpu", engine="vllm",
+                                   gpu_memory_utilization=0.1)).wait_loaded(timeout=300)
+    try:
+        with Client(srv.address, timeout=120) as c:
+            req = generate_request(max_new_tokens=20)
+            req.messages.extend(chat_pb2.ChatMessage(**m) for m in messages)
+            resp = c.generation.Generate(req, timeout=120)
+    finally:
+        srv.stop()
+    assert list(resp.prompt_token_ids) == prompt
+    comp = resp.completions[0]
+    assert list(comp.token_ids) == expected
+    assert comp.finish_reason == generation_pb2.FINISH_REASON_EOS
+    assert comp.text == tok.decode(expected[:-1], skip_special_tokens=True)

@@ -1,4 +1,4 @@
-"""What every trainer shares: tokenising, padding, the LR schedule, the optimizer, the
+"""What every trainer shares (rendering text and conversations to ids is rlhfkit.chat's): padding, the LR schedule, the optimizer, the
 metrics log (JSONL, one line per logged step) and its plot."""
 
 from __future__ import annotations
@@ -72,11 +72,6 @@ def pick_device(name: str = "auto") -> torch.device:
 def seed_everything(seed: int) -> random.Random:
     torch.manual_seed(seed)
     return random.Random(seed)
-
-
-def encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`, the way the server encodes a prompt (tokenizer(text))."""
-    return tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""What every trainer shares (rendering text and conversations to ids is rlhfkit.chat's): padding, the LR schedule, the optimizer, the
-metrics log (JSONL, one line per logged step) and its plot."""
+"""What every trainer shares: padding, the LR schedule, the optimizer, the metrics log
+(JSONL, one line per logged step) and its plot. Rendering text and conversations to token
+ids is rlhfkit.chat's, shared with the server."""
 
 from __future__ import annotations
 

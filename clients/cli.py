@@ -1,8 +1,8 @@
 """The `rlhfkit` command line.
 
-Client commands (generate, score, compare, models) talk to a running server and need only
-grpc; `serve`, `train`, `quickstart` and `init-demo` import the server or the training
-module when run.
+Client commands (generate, score, compare, chat, models, feedback leaderboard) talk to a
+running server and need only grpc; `serve`, `train`, `quickstart` and `init-demo` import the
+server or the training module when run.
 """
 
 from __future__ import annotations
@@ -15,30 +15,113 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.clients.client import Client, score_request
-from rlhfkit.v1 import models_pb2
+from rlhfkit.v1 import generation_pb2, models_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def _client_args(p: argparse.ArgumentParser):
+def _client_args(p: argparse.ArgumentParser, json_help: str = "print the full response as JSON (machine-readable)"):
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default: {DEFAULT_ADDRESS})")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the call")
-    p.add_argument("--json", action="store_true", help="print the full response as JSON (machine-readable)")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--model", default="", help="model name or role (default: the role's model)")
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 disables top-k (default: 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
 
 
 def _print_json(msg):
     print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
 
 
+MESSAGES_HELP = ("a JSON file holding the conversation, a list of {\"role\": \"system\"|\"user\"|\"assistant\", "
+                 "\"content\": TEXT} messages (`-`: read it from stdin); the server renders it with the model's "
+                 "chat template. Instead of PROMPT")
+
+
+JSON_TYPES = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_messages(path: str) -> list[dict]:
+    """The conversation in a --messages file (or stdin for `-`); ValueError naming the file."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise ValueError(f"--messages {name}: cannot read it: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--messages {name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"--messages {name}: expected a JSON list of {{\"role\", \"content\"}} messages, "
+                         f"got a JSON {JSON_TYPES.get(type(data), type(data).__name__)}")
+    for i, m in enumerate(data):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise ValueError(f"--messages {name}: messages[{i}] must be an object with exactly the keys \"role\" "
+                             f"and \"content\", got {json.dumps(m)[:80]}")
+    try:
+        return as_messages(data)
+    except ChatFormatError as e:
+        raise ValueError(f"--messages {name}: {e}") from None
+
+
+def messages_arg(args) -> list[dict]:
+    """The conversation of --messages FILE; a bad file is an argparse error naming it."""
+    try:
+        return read_messages(args.messages)
+    except ValueError as e:
+        args.parser.error(str(e))
+
+
+def prompt_or_messages(args):
+    """The prompt of generate: PROMPT or --messages FILE, exactly one (argparse errors otherwise)."""
+    if (args.prompt is None) == (args.messages is None):
+        args.parser.error("give a PROMPT or --messages FILE, not both" if args.prompt is not None
+                          else "give a PROMPT (text) or --messages FILE (a conversation)")
+    return args.prompt if args.messages is None else messages_arg(args)
+
+
+def split_positionals(args, texts: list[str], names: list[str], at_least: bool = False):
+    """(prompt, responses) from score's / compare's positionals: the first is PROMPT unless
+    --messages FILE gives the prompt, in which case all of them are responses."""
+    if args.messages is not None:
+        prompt, rest = messages_arg(args), texts
+    else:
+        prompt, rest = (texts[0] if texts else None), texts[1:]
+    wanted = len(names)
+    if (len(rest) < wanted) if at_least else (len(rest) != wanted):
+        what = " ".join(names) + (" ..." if at_least else "")
+        if args.messages is not None:
+            args.parser.error(f"with --messages FILE, give {what} only (the file is the prompt), got "
+                              f"{len(texts)} argument(s)")
+        args.parser.error(f"give PROMPT {what}, or --messages FILE {what}")
+    return prompt, rest
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(model=args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, max_new_tokens=args.max_new_tokens, stop=args.stop or ())
+
+
 def cmd_generate(args) -> int:
-    kwargs = dict(model=args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed, max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop or (),
-                  logprobs=args.logprobs, ignore_eos=args.ignore_eos)
+    prompt = prompt_or_messages(args)
+    kwargs = dict(sampling_kwargs(args), n=args.n, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
     with Client(args.address, timeout=args.timeout) as client:
         if args.stream:
-            for chunk in client.generate_stream(args.prompt, **kwargs):
+            for chunk in client.generate_stream(prompt, **kwargs):
                 if args.json:
                     print(json.dumps(MessageToDict(chunk, preserving_proto_field_name=True)), flush=True)
                 else:
@@ -46,7 +129,7 @@ def cmd_generate(args) -> int:
             if not args.json:
                 print()
             return 0
-        resp = client.generate(args.prompt, **kwargs)
+        resp = client.generate(prompt, **kwargs)
     if args.json:
         _print_json(resp)
     else:
@@ -58,24 +141,116 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    prompt, responses = split_positionals(args, args.texts, ["RESPONSE"], at_least=True)
     with Client(args.address, timeout=args.timeout) as client:
-        resp = client.reward.Score(score_request([(args.prompt, r) for r in args.responses], args.model),
+        resp = client.reward.Score(score_request([(prompt, r) for r in responses], args.model),
                                    timeout=args.timeout)
     if args.json:
         _print_json(resp)
     else:
-        for r, text in zip(resp.rewards, args.responses):
+        for r, text in zip(resp.rewards, responses):
             print(f"{r:+.4f}\t{text}")
     return 0
 
 
 def cmd_compare(args) -> int:
+    prompt, (response_a, response_b) = split_positionals(args, args.texts, ["RESPONSE_A", "RESPONSE_B"])
     with Client(args.address, timeout=args.timeout) as client:
-        resp = client.compare(args.prompt, args.response_a, args.response_b, model=args.model)
+        resp = client.compare(prompt, response_a, response_b, model=args.model)
     if args.json:
         _print_json(resp)
     else:
         print(f"P(a preferred) = {resp.prob_a_preferred:.4f}  (r_a={resp.reward_a:+.4f}, r_b={resp.reward_b:+.4f})")
+    return 0
+
+
+CHAT_COMMANDS = """commands:
+  /system TEXT   set the system prompt (it starts every conversation; `/system` alone removes it)
+  /reset         forget the conversation (the system prompt stays)
+  /history       print the conversation so far as JSON
+  /help          this list
+  /exit          quit (so does end of input, Ctrl-D)
+Ctrl-C while a reply streams stops that reply (the turn is not kept)."""
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn chat: each user line is sent with the whole conversation so far
+    (GenerateStream with messages); the streamed reply joins the history. Replies go to
+    stdout, everything else (prompts, notices, errors) to stderr."""
+    interactive = sys.stdin.isatty()
+    system = args.system
+    history: list[dict] = []
+    kwargs = sampling_kwargs(args)
+
+    def note(text: str):
+        print(text, file=sys.stderr, flush=True)
+
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        note(f"rlhfkit chat with {args.model or 'the policy'} at {args.address}; /help lists the commands")
+    with Client(args.address, timeout=args.timeout) as client:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                break
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                command, _, rest = line.partition(" ")
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/reset":
+                    history = []
+                    note("(conversation cleared" + (", system prompt kept)" if system else ")"))
+                elif command == "/system":
+                    system = rest.strip() or None
+                    note(f"(system prompt: {system})" if system else "(no system prompt)")
+                elif command == "/history":
+                    note(json.dumps(([{"role": "system", "content": system}] if system else []) + history,
+                                    ensure_ascii=False, indent=2))
+                elif command == "/help":
+                    note(CHAT_COMMANDS)
+                else:
+                    note(f"unknown command {command}; /help lists the commands")
+                continue
+            user = {"role": "user", "content": line}
+            messages = ([{"role": "system", "content": system}] if system else []) + history + [user]
+            reply, finish, version = "", 0, ""
+            call = client.generate_stream(messages=messages, **kwargs)
+            try:
+                for chunk in call:
+                    reply += chunk.text
+                    finish = chunk.finish_reason or finish
+                    version = chunk.model_version or version
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+            except grpc.RpcError as e:
+                if not args.json and reply:
+                    print(flush=True)
+                note(f"error: {e.code().name}: {e.details()}")
+                continue  # the turn is not kept: the next line continues from the history before it
+            except KeyboardInterrupt:
+                call.cancel()
+                if not args.json:
+                    print(flush=True)
+                note("(reply stopped; the turn is not kept)")
+                continue
+            if args.json:
+                print(json.dumps({"role": "assistant", "content": reply, "model_version": version,
+                                  "finish_reason": generation_pb2.FinishReason.Name(finish)}, ensure_ascii=False),
+                      flush=True)
+            else:
+                print(flush=True)
+            if interactive and finish == generation_pb2.FINISH_REASON_LENGTH:
+                note(f"(cut at --max-new-tokens {args.max_new_tokens})")
+            history += [user, {"role": "assistant", "content": reply}]
     return 0
 
 
@@ -164,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhfkit",
         description="Serve and improve an RLHF-trained language model. "
-                    "Start a server with `rlhfkit serve`, then call it with generate / score / compare / models.")
+                    "Start a server with `rlhfkit serve`, then call it with generate / score / compare / chat / "
+                    "models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # serve and train build their own parsers (from their config dataclasses) when run, so the
@@ -172,34 +348,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve a policy and a reward model over gRPC (`rlhfkit serve --help`)",
                    add_help=False)
     p = sub.add_parser("generate", help="generate text from a running server",
-                       description="Generate from a running server. Temperature 0 (the default) is greedy.")
-    p.add_argument("prompt", help="prompt text")
+                       usage="rlhfkit generate (PROMPT | --messages FILE) [options]",
+                       description="Generate from a running server, for a PROMPT text or a conversation "
+                                   "(--messages FILE: the reply is the assistant's next turn). Temperature 0 "
+                                   "(the default) is greedy.")
+    p.add_argument("prompt", nargs="?", help="prompt text (or give --messages FILE)")
+    p.add_argument("--messages", metavar="FILE", help=MESSAGES_HELP)
     _client_args(p)
-    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 is greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 disables top-k (default: 0)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    _sampling_args(p)
     p.add_argument("--n", type=int, default=1, help="completions for the prompt, 1..16 (default: 1)")
-    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     p.add_argument("--logprobs", type=int, default=0, help="top alternatives per token to return, 0..20")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, parser=p)
 
     p = sub.add_parser("score", help="score responses with the served reward model",
-                       description="Reward of each RESPONSE to PROMPT (the model reads prompt + response).")
-    p.add_argument("prompt")
-    p.add_argument("responses", nargs="+", metavar="RESPONSE")
+                       usage="rlhfkit score (PROMPT | --messages FILE) RESPONSE [RESPONSE ...] [options]",
+                       description="Reward of each RESPONSE to PROMPT (the model reads prompt + response). With "
+                                   "--messages FILE the prompt is that conversation, every positional argument is "
+                                   "a RESPONSE, and the model reads the conversation with the response as the "
+                                   "assistant's next turn, rendered with its chat template.")
+    p.add_argument("texts", nargs="+", metavar="PROMPT|RESPONSE",
+                   help="PROMPT then the responses, or only the responses with --messages")
+    p.add_argument("--messages", metavar="FILE", help=MESSAGES_HELP)
     _client_args(p)
-    p.set_defaults(func=cmd_score)
+    p.set_defaults(func=cmd_score, parser=p)
 
-    p = sub.add_parser("compare", help="P(response a preferred over b) from the reward model")
-    p.add_argument("prompt")
-    p.add_argument("response_a")
-    p.add_argument("response_b")
+    p = sub.add_parser("compare", help="P(response a preferred over b) from the reward model",
+                       usage="rlhfkit compare (PROMPT | --messages FILE) RESPONSE_A RESPONSE_B [options]",
+                       description="P(RESPONSE_A preferred over RESPONSE_B) = sigmoid(r_a - r_b) for PROMPT, or "
+                                   "for the conversation in --messages FILE (then give only the two responses).")
+    p.add_argument("texts", nargs="+", metavar="PROMPT|RESPONSE",
+                   help="PROMPT RESPONSE_A RESPONSE_B, or RESPONSE_A RESPONSE_B with --messages")
+    p.add_argument("--messages", metavar="FILE", help=MESSAGES_HELP)
     _client_args(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, parser=p)
+
+    p = sub.add_parser("chat", help="chat with the served policy, turn by turn (it keeps the conversation)",
+                       description="An interactive multi-turn chat with a running server's chat model.\n\n"
+                                   "Each line you type is a user turn, sent with the whole conversation so far\n"
+                                   "(the server renders it with the model's chat template); the reply streams in\n"
+                                   "and joins the conversation. Lines that start with / are commands. Replies go\n"
+                                   "to stdout, notices and errors to stderr. A turn the server refuses prints its\n"
+                                   "status and message, is not kept, and the chat goes on. Reads lines from stdin,\n"
+                                   "so a script can pipe a conversation in:\n\n"
+                                   "  printf '/system be brief\\nhello\\n' | rlhfkit chat --max-new-tokens 32",
+                       epilog=CHAT_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _client_args(p, json_help="print each reply as one JSON line {role, content, model_version, finish_reason} "
+                              "instead of streaming its text")
+    p.add_argument("--system", default=None, help="system prompt to start with (also: /system TEXT)")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat, parser=p)
 
     p = sub.add_parser("models", help="list the served models, or promote a checkpoint to a role",
                        description="`rlhfkit models` lists what a server serves (roles, versions, lineage, load "
@@ -216,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`rlhfkit feedback export --feedback-db URL --format trl --out prefs.jsonl` writes "
                                    "the votes of a feedback store as {prompt, chosen, rejected} lines (TRL; ties and "
                                    "both-bad votes left out) or --format rankings {prompt, responses: [best, worst]}, "
-                                   "ready for `rlhfkit train rm --train-file`. `rlhfkit feedback leaderboard` asks a "
-                                   "server for its ratings.")
+                                   "ready for `rlhfkit train rm --train-file`. A comparison made from a conversation "
+                                   "is written in TRL's conversational form: prompt is the list of messages and each "
+                                   "response one assistant message ({\"prompt\": [...], \"chosen\": [{\"role\": "
+                                   "\"assistant\", \"content\": ...}], \"rejected\": [...]}; rankings: responses "
+                                   "[[best], [worst]]). `rlhfkit feedback leaderboard` asks a server for its ratings.")
     p.add_argument("action", choices=["export", "leaderboard"])
     p.add_argument("--feedback-db", help="store to export: sqlite:///PATH or postgresql://... (export)")
     p.add_argument("--format", choices=["trl", "rankings"], default="trl", help="export format (default: trl)")

@@ -4,45 +4,101 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterable, Iterator
+from typing import AsyncIterator, Iterable, Iterator, Mapping, Sequence, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhfkit.v1 import chat_pb2, feedback_pb2, feedback_pb2_grpc
 from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
-from rlhfkit.v1 import feedback_pb2, feedback_pb2_grpc
+
+# A conversation: [{"role": "system" | "user" | "assistant", "content": str}, ...] (or ChatMessage
+# protos). The server renders it with the model's chat template (ARCHITECTURE.md, Chat models).
+Messages = Sequence[Union[Mapping[str, str], chat_pb2.ChatMessage]]
 
 
-def generate_request(prompt: str | None = None, *, prompt_token_ids: Iterable[int] = (), model: str = "",
+def is_messages(prompt) -> bool:
+    """A prompt given as a conversation: a non-empty list of dicts / ChatMessages (not text,
+    not token ids)."""
+    return (not isinstance(prompt, (str, bytes)) and isinstance(prompt, Sequence) and len(prompt) > 0
+            and all(isinstance(m, (Mapping, chat_pb2.ChatMessage)) for m in prompt))
+
+
+def chat_messages(messages: Messages | None) -> list[chat_pb2.ChatMessage]:
+    """ChatMessage protos from {"role", "content"} dicts (or ChatMessages). Roles and contents
+    are checked by the server, which names the offending message in its INVALID_ARGUMENT."""
+    out = []
+    for i, m in enumerate(messages or ()):
+        if isinstance(m, chat_pb2.ChatMessage):
+            out.append(m)
+        elif isinstance(m, Mapping):
+            extra = set(m) - {"role", "content"}
+            if extra or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}]: a message is {{'role': ..., 'content': ...}}, got keys {sorted(m)}")
+            out.append(chat_pb2.ChatMessage(role=m["role"], content=m["content"]))
+        else:
+            raise TypeError(f"messages[{i}]: a message is a dict {{'role', 'content'}} or a ChatMessage, "
+                            f"got {type(m).__name__}")
+    return out
+
+
+def _prompt_and_messages(prompt, messages) -> tuple[str, list[chat_pb2.ChatMessage]]:
+    """(text, messages) from a prompt that may itself be a conversation, and messages=."""
+    if is_messages(prompt):
+        if messages:
+            raise ValueError("give the conversation as the prompt or as messages=, not both")
+        return "", chat_messages(prompt)
+    return prompt or "", chat_messages(messages)
+
+
+def generate_request(prompt: str | Messages | None = None, *, prompt_token_ids: Iterable[int] = (),
+                     messages: Messages | None = None, model: str = "",
                      temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
                      seed: int | None = None, max_new_tokens: int = 16, n: int = 1, stop: Iterable[str] = (),
-                     logprobs: int = 0, ignore_eos: bool = False, request_id: str = "") -> generation_pb2.GenerateRequest:
-    """A GenerateRequest; temperature 0 (the default) is greedy."""
+                     logprobs: int = 0, ignore_eos: bool = False, stop_token_ids: Iterable[int] = (),
+                     include_stop_str_in_output: bool = False,
+                     request_id: str = "") -> generation_pb2.GenerateRequest:
+    """A GenerateRequest from text, token ids or a conversation (`messages=[{"role": "user",
+    "content": ...}]`, or the list as `prompt`); temperature 0 (the default) is greedy."""
+    text, msgs = _prompt_and_messages(prompt, messages)
     sampling = generation_pb2.SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                                             n=n, stop=list(stop), logprobs=logprobs, ignore_eos=ignore_eos)
+                                             n=n, stop=list(stop), logprobs=logprobs, ignore_eos=ignore_eos,
+                                             stop_token_ids=list(stop_token_ids),
+                                             include_stop_str_in_output=include_stop_str_in_output)
     if top_p is not None:
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
-    return generation_pb2.GenerateRequest(model=model, prompt=prompt or "", prompt_token_ids=list(prompt_token_ids),
-                                          sampling=sampling, request_id=request_id)
+    return generation_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=list(prompt_token_ids),
+                                          messages=msgs, sampling=sampling, request_id=request_id)
 
 
-def score_request(items: Iterable[tuple[str, str]], model: str = "") -> reward_pb2.ScoreRequest:
-    return reward_pb2.ScoreRequest(model=model, items=[reward_pb2.ScoreItem(prompt=p, response=r) for p, r in items])
+def score_request(items: Iterable[tuple], model: str = "") -> reward_pb2.ScoreRequest:
+    """items: (prompt, response), the prompt text or a conversation (a list of messages)."""
+    pb_items = []
+    for prompt, response in items:
+        text, msgs = _prompt_and_messages(prompt, None)
+        pb_items.append(reward_pb2.ScoreItem(prompt=text, messages=msgs, response=response))
+    return reward_pb2.ScoreRequest(model=model, items=pb_items)
 
 
-def compare_request(prompt: str, response_a: str, response_b: str, model: str = "") -> reward_pb2.CompareRequest:
-    return reward_pb2.CompareRequest(model=model, prompt=prompt, response_a=response_a, response_b=response_b)
+def compare_request(prompt: str | Messages | None, response_a: str, response_b: str, model: str = "", *,
+                    messages: Messages | None = None) -> reward_pb2.CompareRequest:
+    text, msgs = _prompt_and_messages(prompt, messages)
+    return reward_pb2.CompareRequest(model=model, prompt=text, messages=msgs, response_a=response_a,
+                                     response_b=response_b)
 
 
 def log_probs_request(items: Iterable[tuple], model: str = "", reference_model: str = "",
                       temperature: float | None = None) -> reward_pb2.LogProbsRequest:
-    """items: (prompt, response) strings or (prompt_token_ids, response_token_ids) lists."""
+    """items: (prompt, response) strings, (messages, response) with the conversation as a list
+    of messages (the response is its assistant turn), or (prompt_token_ids, response_token_ids)."""
     pb_items = []
     for prompt, response in items:
         if isinstance(prompt, str):
             pb_items.append(reward_pb2.LogProbsItem(prompt=prompt, response=response))
+        elif is_messages(prompt):
+            pb_items.append(reward_pb2.LogProbsItem(messages=chat_messages(prompt), response=response))
         else:
             pb_items.append(reward_pb2.LogProbsItem(prompt_token_ids=prompt, response_token_ids=response))
     req = reward_pb2.LogProbsRequest(model=model, reference_model=reference_model, items=pb_items)
@@ -51,13 +107,17 @@ def log_probs_request(items: Iterable[tuple], model: str = "", reference_model: 
     return req
 
 
-def comparison_request(prompt: str, *, models: tuple[str, str] | None = None, samples_of: str | None = None,
+def comparison_request(prompt: str | Messages | None = None, *, messages: Messages | None = None,
+                       models: tuple[str, str] | None = None, samples_of: str | None = None,
                        **sampling) -> feedback_pb2.CreateComparisonRequest:
     """Two models (`models=("ppo-1", "sft-1")`) or two samples of one (`samples_of="policy"`,
-    with temperature > 0); `sampling` takes generate_request's decoding keywords."""
+    with temperature > 0) answering a prompt: text, or a conversation (a list of messages as
+    the prompt or as messages=); `sampling` takes generate_request's decoding keywords."""
     if (models is None) == (samples_of is None):
         raise ValueError("give models=(model_a, model_b) or samples_of=MODEL, one of them")
-    req = feedback_pb2.CreateComparisonRequest(prompt=prompt, sampling=generate_request("", **sampling).sampling)
+    text, msgs = _prompt_and_messages(prompt, messages)
+    req = feedback_pb2.CreateComparisonRequest(prompt=text, messages=msgs,
+                                               sampling=generate_request("", **sampling).sampling)
     if models is not None:
         req.models.model_a, req.models.model_b = models
     else:
@@ -100,22 +160,28 @@ class Client(_Stubs):
         super().__init__(grpc.insecure_channel(address))
         self.timeout = timeout
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> generation_pb2.GenerateResponse:
+    def generate(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
+                 **kwargs) -> generation_pb2.GenerateResponse:
+        """kwargs: generate_request's (messages=, prompt_token_ids=, sampling keywords, model=)."""
         return self.generation.Generate(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
 
-    def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
+    def generate_stream(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
                         **kwargs) -> Iterator[generation_pb2.GenerateChunk]:
         return self.generation.GenerateStream(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
 
-    def score(self, items: Iterable[tuple[str, str]], model: str = "", timeout: float | None = None) -> list[float]:
+    def score(self, items: Iterable[tuple], model: str = "", timeout: float | None = None) -> list[float]:
+        """items: (prompt, response), the prompt text or a list of messages."""
         return list(self.reward.Score(score_request(items, model), timeout=timeout or self.timeout).rewards)
 
-    def compare(self, prompt: str, response_a: str, response_b: str, model: str = "",
-                timeout: float | None = None) -> reward_pb2.CompareResponse:
-        return self.reward.Compare(compare_request(prompt, response_a, response_b, model), timeout=timeout or self.timeout)
+    def compare(self, prompt: str | Messages | None, response_a: str, response_b: str, model: str = "",
+                timeout: float | None = None, *, messages: Messages | None = None) -> reward_pb2.CompareResponse:
+        """P(response_a preferred); the prompt is text or a conversation (a list of messages)."""
+        return self.reward.Compare(compare_request(prompt, response_a, response_b, model, messages=messages),
+                                   timeout=timeout or self.timeout)
 
     def log_probs(self, items: Iterable[tuple], model: str = "", reference_model: str = "",
                   temperature: float | None = None, timeout: float | None = None) -> reward_pb2.LogProbsResponse:
+        """items: (prompt, response), (messages, response) or (prompt_token_ids, response_token_ids)."""
         return self.reward.LogProbs(log_probs_request(items, model, reference_model, temperature),
                                     timeout=timeout or self.timeout)
 
@@ -127,7 +193,9 @@ class Client(_Stubs):
         resp = self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
         return list(resp.models)
 
-    def create_comparison(self, prompt: str, *, timeout: float | None = None, **kwargs) -> feedback_pb2.Comparison:
+    def create_comparison(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
+                          **kwargs) -> feedback_pb2.Comparison:
+        """kwargs: comparison_request's (messages=, models= or samples_of=, sampling keywords)."""
         return self.feedback.CreateComparison(comparison_request(prompt, **kwargs), timeout=timeout or self.timeout)
 
     def submit_vote(self, comparison_id: str, choice: str | int, annotator_id: str, rationale: str | None = None,
@@ -176,23 +244,23 @@ class AsyncClient(_Stubs):
         super().__init__(grpc.aio.insecure_channel(address))
         self.timeout = timeout
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+    async def generate(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
                        **kwargs) -> generation_pb2.GenerateResponse:
         return await self.generation.Generate(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
 
-    async def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
+    async def generate_stream(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
                               **kwargs) -> AsyncIterator[generation_pb2.GenerateChunk]:
         call = self.generation.GenerateStream(generate_request(prompt, **kwargs), timeout=timeout or self.timeout)
         async for chunk in call:
             yield chunk
 
-    async def score(self, items: Iterable[tuple[str, str]], model: str = "", timeout: float | None = None) -> list[float]:
+    async def score(self, items: Iterable[tuple], model: str = "", timeout: float | None = None) -> list[float]:
         resp = await self.reward.Score(score_request(items, model), timeout=timeout or self.timeout)
         return list(resp.rewards)
 
-    async def compare(self, prompt: str, response_a: str, response_b: str, model: str = "",
-                      timeout: float | None = None) -> reward_pb2.CompareResponse:
-        return await self.reward.Compare(compare_request(prompt, response_a, response_b, model),
+    async def compare(self, prompt: str | Messages | None, response_a: str, response_b: str, model: str = "",
+                      timeout: float | None = None, *, messages: Messages | None = None) -> reward_pb2.CompareResponse:
+        return await self.reward.Compare(compare_request(prompt, response_a, response_b, model, messages=messages),
                                          timeout=timeout or self.timeout)
 
     async def log_probs(self, items: Iterable[tuple], model: str = "", reference_model: str = "",
@@ -208,7 +276,7 @@ class AsyncClient(_Stubs):
         resp = await self.models.SetRole(models_pb2.SetRoleRequest(name=name, role=role), timeout=timeout or self.timeout)
         return list(resp.models)
 
-    async def create_comparison(self, prompt: str, *, timeout: float | None = None,
+    async def create_comparison(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
                                 **kwargs) -> feedback_pb2.Comparison:
         return await self.feedback.CreateComparison(comparison_request(prompt, **kwargs), timeout=timeout or self.timeout)
 

@@ -8,6 +8,9 @@ commit, its default), so a crash right after the reply loses nothing.
 
 One vote per (comparison, annotator) is a unique constraint, so two replicas racing on the
 same vote cannot both insert it.
+
+A comparison made from a conversation keeps it in `messages` (JSON text; NULL for a text
+prompt). Stores created before that column existed get it on open (migrate()).
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ class ModelText(sa.TypeDecorator):
         return value
 
 
+class MessagesJSON(sa.TypeDecorator):
+    """A conversation ([{"role", "content"}, ...]) as JSON text, None as NULL. JSON escapes
+    control characters, so a NUL in a message is stored as \\u0000 (PostgreSQL-safe)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else json.loads(value)
+
+
 metadata = sa.MetaData()
 comparisons = sa.Table(
     "rlhfkit_comparisons", metadata,
@@ -61,6 +78,9 @@ comparisons = sa.Table(
     sa.Column("right_model_version", sa.Text, nullable=False),
     sa.Column("right_response", ModelText, nullable=False),
     sa.Column("sampling", sa.Text, nullable=False),  # the request's SamplingParams as JSON
+    # The conversation the responses answer (then prompt is ""); NULL for a text prompt.
+    # Added after the first release: migrate() adds it to older stores.
+    sa.Column("messages", MessagesJSON, nullable=True),
 )
 votes = sa.Table(
     "rlhfkit_votes", metadata,
@@ -117,6 +137,27 @@ def _sqlite_durable(dbapi_connection, _record):
     cur.close()
 
 
+def _columns(engine: sa.Engine, table: str) -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns(table)}
+
+
+def migrate(engine: sa.Engine):
+    """Bring an existing store up to this schema: add the columns added since it was created
+    (nullable, so old rows read as before). Safe when several replicas open one store at once:
+    PostgreSQL adds IF NOT EXISTS; on SQLite a concurrent add shows as a duplicate column."""
+    for table, column in ((comparisons, comparisons.c.messages),):
+        if column.name in _columns(engine, table.name):
+            continue
+        ddl = column.type.impl.compile(dialect=engine.dialect)
+        exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN{exists} {column.name} {ddl}")
+        except sa.exc.OperationalError:
+            if column.name not in _columns(engine, table.name):  # not a race lost to another process
+                raise
+
+
 class FeedbackStore:
     """Opens (and creates the tables of) the database on first use, so a server that never
     sees a comparison never writes a file."""
@@ -136,6 +177,7 @@ class FeedbackStore:
                 if engine.url.database and engine.url.database != ":memory:":
                     Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             metadata.create_all(engine, checkfirst=True)
+            migrate(engine)
             self._engine = engine
         return self._engine
 
@@ -145,15 +187,16 @@ class FeedbackStore:
             self._engine = None
 
     def add_comparison(self, prompt: str, source: str, left: tuple[str, str, str], right: tuple[str, str, str],
-                       sampling_json: str = "{}") -> str:
-        """left/right: (model name, model version, response). Returns the comparison id."""
+                       sampling_json: str = "{}", messages: list[dict] | None = None) -> str:
+        """left/right: (model name, model version, response); messages: the conversation the
+        responses answer (prompt "" then), or None. Returns the comparison id."""
         comparison_id = uuid.uuid4().hex
         with self.engine.begin() as conn:
             conn.execute(comparisons.insert().values(
                 comparison_id=comparison_id, created_at=time.time(), prompt=prompt, source=source,
                 left_model=left[0], left_model_version=left[1], left_response=left[2],
                 right_model=right[0], right_model_version=right[1], right_response=right[2],
-                sampling=sampling_json))
+                sampling=sampling_json, messages=messages or None))
         return comparison_id
 
     def get_comparison(self, comparison_id: str, conn=None) -> dict:
@@ -211,16 +254,22 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
-    def random_prompt(self) -> str | None:
+    def random_prompt(self) -> str | list[dict] | None:
+        """The prompt of a random comparison: its text, or its conversation."""
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(comparisons.c.prompt).order_by(sa.func.random()).limit(1)).scalar()
+            row = conn.execute(sa.select(comparisons.c.prompt, comparisons.c.messages)
+                               .order_by(sa.func.random()).limit(1)).first()
+        return None if row is None else (row.messages or row.prompt)
 
 
 def export_records(rows: list[dict], fmt: str) -> list[dict]:
     """Training records from voted comparisons. trl: {"prompt", "chosen", "rejected"} (TRL /
-    HH-RLHF); rankings: {"prompt", "responses": [best, worst]}. Ties and both-bad votes
-    say nothing about which response is better and are left out; every record keeps the
-    vote, comparison and annotator ids and the models, so it can be traced back."""
+    HH-RLHF); rankings: {"prompt", "responses": [best, worst]}. A comparison made from a
+    conversation is written in TRL's conversational form: the prompt is its messages and
+    each response one assistant message (chosen: [{"role": "assistant", "content": ...}],
+    responses: [[best message], [worst message]]). Ties and both-bad votes say nothing about
+    which response is better and are left out; every record keeps the vote, comparison and
+    annotator ids and the models, so it can be traced back."""
     if fmt not in ("trl", "rankings"):
         raise ValueError(f"format must be trl or rankings, got {fmt!r}")
     records = []
@@ -228,11 +277,15 @@ def export_records(rows: list[dict], fmt: str) -> list[dict]:
         if r["choice"] not in ("left", "right"):
             continue
         win, lose = ("left", "right") if r["choice"] == "left" else ("right", "left")
-        record = {"prompt": r["prompt"]}
+        chosen, rejected = r[f"{win}_response"], r[f"{lose}_response"]
+        messages = r.get("messages")
+        if messages:
+            chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
+        record = {"prompt": messages or r["prompt"]}
         if fmt == "trl":
-            record.update(chosen=r[f"{win}_response"], rejected=r[f"{lose}_response"])
+            record.update(chosen=chosen, rejected=rejected)
         else:
-            record["responses"] = [r[f"{win}_response"], r[f"{lose}_response"]]
+            record["responses"] = [chosen, rejected]
         record.update(vote_id=r["vote_id"], comparison_id=r["comparison_id"], annotator_id=r["annotator_id"],
                       chosen_model=r[f"{win}_model_version"], rejected_model=r[f"{lose}_model_version"])
         records.append(record)

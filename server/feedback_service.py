@@ -13,6 +13,7 @@ import secrets
 
 from google.protobuf.json_format import MessageToJson
 
+from rlhfkit.chat import as_messages
 from rlhfkit.server.feedback import FeedbackInputError, FeedbackStore
 from rlhfkit.server.ratings import rate
 from rlhfkit.server.service import REQUEST_ERRORS, GenerationService, ServerState, fail
@@ -35,12 +36,18 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         """Store calls block (disk, network): off the event loop, in the default pool."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _responses(self, model: str, prompt: str, sampling: gen_pb.SamplingParams, n: int):
-        """n completions of one model for the prompt: [(name, name@version, text)]."""
+    def _submit(self, model: str, request: fb_pb.CreateComparisonRequest, n: int):
+        """Validate and enqueue n completions of one model for the comparison's prompt (text or
+        messages, rendered with that model's chat template exactly as Generate renders them)."""
         s = gen_pb.SamplingParams()
-        s.CopyFrom(sampling)
+        s.CopyFrom(request.sampling)
         s.n = n
-        engine, req, queue = self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=prompt, sampling=s))
+        return self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=request.prompt,
+                                                             messages=request.messages, sampling=s))
+
+    async def _collect(self, submitted, n: int):
+        """The n completions of a submitted request: [(name, name@version, text)]."""
+        engine, req, queue = submitted
         texts = [""] * n
         async for outs in self.generation.outputs(engine, req, queue):
             for o in outs:
@@ -48,8 +55,11 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         return [(engine.lm.name, engine.lm.model_version, t) for t in texts]
 
     async def create_comparison_core(self, request: fb_pb.CreateComparisonRequest) -> fb_pb.Comparison:
-        if not request.prompt:
-            raise FeedbackInputError("prompt", "is empty")
+        if request.prompt and request.messages:
+            raise FeedbackInputError("messages", "set exactly one of prompt (text) and messages (a conversation)")
+        if not request.prompt and not request.messages:
+            raise FeedbackInputError("prompt", "is empty: set prompt (text) or messages (a conversation)")
+        messages = as_messages(request.messages) if request.messages else None  # INVALID_ARGUMENT naming the turn
         if request.sampling.n > 1:
             raise FeedbackInputError("sampling.n", f"a comparison has one response per side: leave n unset or 1, "
                                      f"got {request.sampling.n}")
@@ -61,22 +71,29 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         if source == "models":
             for model in (request.models.model_a, request.models.model_b):  # both known before decoding either
                 self.state.registry.get(model, "policy")
-            pair = await asyncio.gather(
-                self._responses(request.models.model_a, request.prompt, request.sampling, 1),
-                self._responses(request.models.model_b, request.prompt, request.sampling, 1))
+            # Both validated and queued before either is awaited: a prompt one model refuses (no
+            # chat template, too long for its context) must not leave the other decoding for nothing.
+            first = self._submit(request.models.model_a, request, 1)
+            try:
+                second = self._submit(request.models.model_b, request, 1)
+            except REQUEST_ERRORS:
+                first[0].abort(first[1])
+                raise
+            pair = await asyncio.gather(self._collect(first, 1), self._collect(second, 1))
             responses = [pair[0][0], pair[1][0]]
         else:
             if request.sampling.temperature <= 0:
                 raise FeedbackInputError("sampling.temperature", "two samples of one model need temperature > 0 "
                                          "(greedy decoding gives the same text twice)")
-            responses = await self._responses(request.samples_of, request.prompt, request.sampling, 2)
+            responses = await self._collect(self._submit(request.samples_of, request, 2), 2)
         if secrets.randbelow(2):  # sides at random: position must not tell the annotator who answered
             responses.reverse()
         left, right = responses
         comparison_id = await self._db(self.store.add_comparison, request.prompt, source, left, right,
-                                       MessageToJson(request.sampling, indent=None))
+                                       MessageToJson(request.sampling, indent=None), messages)
         self.state.metrics.feedback_comparisons.labels(source).inc()
-        return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2])
+        return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
+                                messages=request.messages)
 
     async def submit_vote_core(self, request: fb_pb.SubmitVoteRequest) -> fb_pb.SubmitVoteResponse:
         if request.choice not in CHOICE_NAMES:

@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.server.service import REQUEST_ERRORS, STATUS_FOR
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 
@@ -30,7 +31,8 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 412,
                "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}
-# Drawn when the server was given no --feedback-prompts file.
+# Drawn when the server was given no --feedback-prompts file. A file's line is {"prompt": TEXT}
+# or, TRL's conversational prompt, {"prompt": [{"role": ..., "content": ...}, ...]}.
 DEFAULT_PROMPTS = ["the cat", "Write a haiku about the sea.", "Explain what a reward model is, in one sentence.",
                    "count the words: the quick brown fox\nanswer:", "Give three tips for writing clear code."]
 # JSON route -> (request message, Feedback servicer method)
@@ -55,12 +57,26 @@ class HttpSide:
                 log.debug("%s " + fmt, self.address_string(), *args)
 
         self.metrics, self.feedback, self.registry, self.loop = metrics, feedback, registry, loop
-        self.prompts = prompts or DEFAULT_PROMPTS
+        self.prompts = [self.drawable(i, p) for i, p in enumerate(prompts or DEFAULT_PROMPTS)]
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_port
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rlhfkit-http", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def drawable(i: int, prompt) -> dict:
+        """What GET /api/prompt answers for one prompt: {"prompt": text} or {"messages": [...]}
+        (the fields of CreateComparisonRequest the page then sends)."""
+        if isinstance(prompt, str) and prompt:
+            return {"prompt": prompt}
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            try:
+                return {"messages": as_messages(prompt, f"prompt {i + 1}: messages")}
+            except ChatFormatError as e:
+                raise ValueError(f"--feedback-prompts: {e}") from None
+        raise ValueError(f"--feedback-prompts: prompt {i + 1}: 'prompt' must be a non-empty string or a list of "
+                         f"{{role, content}} messages, got {prompt!r}")
 
     def shutdown(self):
         self.httpd.shutdown()
@@ -78,7 +94,7 @@ class HttpSide:
                     return self.error(h, 404, "NOT_FOUND", f"no page {path}")
                 return self.reply(h, 200, files[name].read_bytes(), CONTENT_TYPES.get(files[name].suffix, "text/plain"))
             if method == "GET" and path == "/api/prompt":
-                return self.json(h, 200, {"prompt": random.choice(self.prompts)})
+                return self.json(h, 200, random.choice(self.prompts))
             if method == "GET" and path == "/api/models":
                 models, roles, _ = self.registry.snapshot()
                 return self.json(h, 200, {"models": sorted(n for n, m in models.items() if m.kind == "policy"),

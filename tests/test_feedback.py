@@ -106,6 +106,21 @@ def test_create_comparison_statuses(client, kwargs, code, field):
     assert got == code and field in msg
 
 
+def test_messages_to_models_without_a_chat_template(client):
+    """These tiny models have no chat template: a conversation is FAILED_PRECONDITION naming the
+    model, and neither model keeps decoding (the server still answers at once afterwards)."""
+    conversation = [{"role": "user", "content": "hi"}]
+    code, msg = status_of(lambda: client.create_comparison(messages=conversation, models=("policy", "reference"),
+                                                           **GREEDY))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "'policy'" in msg and "chat template" in msg
+    code, msg = status_of(lambda: client.create_comparison(conversation, samples_of="reference", temperature=1.0))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "'reference'" in msg
+    code, msg = status_of(lambda: client.create_comparison("the cat", messages=conversation, samples_of="policy",
+                                                           temperature=1.0))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("messages:") and "prompt" in msg
+    assert client.create_comparison("the cat", models=("policy", "reference"), **GREEDY).left
+
+
 def test_comparison_without_source_is_invalid(client):
     req = feedback_pb2.CreateComparisonRequest(prompt="x")
     code, msg = status_of(lambda: client.feedback.CreateComparison(req, timeout=30))

@@ -184,3 +184,122 @@ def test_sqlite_is_durable_by_configuration(tmp_path):
 def test_bad_url():
     with pytest.raises(ValueError, match="feedback_db"):
         FeedbackStore("feedback.db")
+
+
+CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count the fish\x00 <b>"},
+                {"role": "assistant", "content": "one"}, {"role": "user", "content": "and now?"}]
+
+
+def old_schema(metadata):
+    """rlhfkit_comparisons and rlhfkit_votes as the first release created them (no messages
+    column), written out here by hand rather than derived from the module's schema."""
+    sa.Table("rlhfkit_comparisons", metadata,
+             sa.Column("comparison_id", sa.String(32), primary_key=True),
+             sa.Column("created_at", sa.Float, nullable=False),
+             sa.Column("prompt", sa.Text, nullable=False),
+             sa.Column("source", sa.String(16), nullable=False),
+             sa.Column("left_model", sa.Text, nullable=False),
+             sa.Column("left_model_version", sa.Text, nullable=False),
+             sa.Column("left_response", sa.Text, nullable=False),
+             sa.Column("right_model", sa.Text, nullable=False),
+             sa.Column("right_model_version", sa.Text, nullable=False),
+             sa.Column("right_response", sa.Text, nullable=False),
+             sa.Column("sampling", sa.Text, nullable=False))
+    sa.Table("rlhfkit_votes", metadata,
+             sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
+             sa.Column("comparison_id", sa.String(32), sa.ForeignKey("rlhfkit_comparisons.comparison_id"),
+                       nullable=False),
+             sa.Column("annotator_id", sa.Text, nullable=False),
+             sa.Column("choice", sa.String(16), nullable=False),
+             sa.Column("rationale", sa.Text),
+             sa.Column("created_at", sa.Float, nullable=False),
+             sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"))
+    return metadata
+
+
+def test_messages_round_trip(store, url):
+    cid = store.add_comparison("", "samples", ("m", "m@1", "L"), ("m", "m@1", "R"), messages=CONVERSATION)
+    text = add(store, "the cat")
+    other = FeedbackStore(url)
+    assert other.get_comparison(cid)["messages"] == CONVERSATION  # the NUL too, on PostgreSQL
+    assert other.get_comparison(cid)["prompt"] == "" and other.get_comparison(text)["messages"] is None
+    other.close()
+    with store.engine.connect() as conn:  # stored as JSON text
+        raw = conn.execute(sa.text("SELECT messages FROM rlhfkit_comparisons WHERE comparison_id = :c"),
+                           {"c": cid}).scalar()
+    assert json.loads(raw) == CONVERSATION
+
+
+def test_old_store_is_migrated_on_open(url):
+    engine = sa.create_engine(database_url(url))
+    old = old_schema(sa.MetaData())
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(old.tables["rlhfkit_comparisons"].insert().values(
+            comparison_id="c" * 32, created_at=1.0, prompt="old prompt", source="models", left_model="a",
+            left_model_version="a@1", left_response="A", right_model="b", right_model_version="b@1",
+            right_response="B", sampling="{}"))
+        conn.execute(old.tables["rlhfkit_votes"].insert().values(
+            vote_id="v" * 32, comparison_id="c" * 32, annotator_id="ann", choice="right", created_at=2.0))
+    assert "messages" not in {c["name"] for c in sa.inspect(engine).get_columns("rlhfkit_comparisons")}
+    stores = [FeedbackStore(url), FeedbackStore(url)]  # two replicas opening it at once
+    errors = []
+
+    def open_it(s):
+        try:
+            s.engine
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=open_it, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    columns = {c["name"]: c for c in sa.inspect(engine).get_columns("rlhfkit_comparisons")}
+    assert columns["messages"]["nullable"]
+    store = stores[0]
+    old_row = store.get_comparison("c" * 32)
+    assert (old_row["prompt"], old_row["messages"], old_row["left_response"]) == ("old prompt", None, "A")
+    cid = store.add_comparison("", "models", ("a", "a@1", "A2"), ("b", "b@1", "B2"), messages=CONVERSATION)
+    v = store.add_vote(cid, "left", "ann")
+    assert export_records(store.voted_comparisons(), "trl") == [
+        {"prompt": "old prompt", "chosen": "B", "rejected": "A", "vote_id": "v" * 32, "comparison_id": "c" * 32,
+         "annotator_id": "ann", "chosen_model": "b@1", "rejected_model": "a@1"},
+        {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "A2"}],
+         "rejected": [{"role": "assistant", "content": "B2"}], "vote_id": v.vote_id, "comparison_id": cid,
+         "annotator_id": "ann", "chosen_model": "a@1", "rejected_model": "b@1"}]
+    for s in stores:
+        s.close()
+    FeedbackStore(url).engine.dispose()  # opening a migrated store again changes nothing
+    engine.dispose()
+
+
+def test_export_conversational_formats(store, url, tmp_path, capsys):
+    conv = store.add_comparison("", "models", ("a", "a@1", "A1"), ("b", "b@1", "B1"), messages=CONVERSATION)
+    text = add(store, "p2", ("b", "b@1", "B2"), ("a", "a@1", "A2"))
+    v1 = store.add_vote(conv, "right", "ann1")
+    v2 = store.add_vote(text, "left", "ann2")
+    store.add_vote(conv, "tie", "ann2")
+    store.close()
+    expected = {
+        "trl": [
+            {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "B1"}],
+             "rejected": [{"role": "assistant", "content": "A1"}], "vote_id": v1.vote_id, "comparison_id": conv,
+             "annotator_id": "ann1", "chosen_model": "b@1", "rejected_model": "a@1"},
+            {"prompt": "p2", "chosen": "B2", "rejected": "A2", "vote_id": v2.vote_id, "comparison_id": text,
+             "annotator_id": "ann2", "chosen_model": "b@1", "rejected_model": "a@1"}],
+        "rankings": [
+            {"prompt": CONVERSATION, "responses": [[{"role": "assistant", "content": "B1"}],
+                                                   [{"role": "assistant", "content": "A1"}]],
+             "vote_id": v1.vote_id, "comparison_id": conv, "annotator_id": "ann1", "chosen_model": "b@1",
+             "rejected_model": "a@1"},
+            {"prompt": "p2", "responses": ["B2", "A2"], "vote_id": v2.vote_id, "comparison_id": text,
+             "annotator_id": "ann2", "chosen_model": "b@1", "rejected_model": "a@1"}]}
+    for fmt in ("trl", "rankings"):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert cli_main(["feedback", "export", "--feedback-db", url, "--format", fmt, "--out", str(out)]) == 0
+        assert f"2 {fmt} records" in capsys.readouterr().err
+        assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == expected[fmt]

@@ -1,5 +1,6 @@
 """The labeling page in headless Chromium: draw a prompt, compare, vote (click and key),
-see the reveal, find the votes in the store; the leaderboard page shows the ratings."""
+see the reveal, find the votes in the store; the leaderboard page shows the ratings. A
+drawn conversation is shown turn by turn, as text, and compared as messages."""
 
 import json
 import shutil
@@ -13,7 +14,9 @@ from rlhfkit.server.feedback import FeedbackStore
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[test]')")
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from test_client_chat import chat_model_dirs  # noqa: E402, F401 - a fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -116,3 +119,85 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
             for tr in browser.find_elements(By.CSS_SELECTOR, "#ratings tbody tr")]
     assert [r[:2] for r in rows] == [["1", winner], ["2", ({"policy", "reference"} - {winner}).pop()]]
     assert [r[5:] for r in rows] == [["1", "1", "0", "0", "0"], ["1", "0", "1", "0", "0"]]
+
+
+XSS = "<img src=x onerror=alert(1)>"
+CONVERSATION = [{"role": "system", "content": "be brief & <b>bold</b>"},
+                {"role": "user", "content": XSS},
+                {"role": "assistant", "content": "one\ntwo"},
+                {"role": "user", "content": "and <script>alert(2)</script>?"}]
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory, chat_model_dirs):  # noqa: F811
+    root = tmp_path_factory.mktemp("chatpage")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": CONVERSATION}) + "\n")  # TRL's conversational prompt
+    srv = ServerThread(ServeConfig(policy=str(chat_model_dirs["policy"]), reference=str(chat_model_dirs["other"]),
+                                   port=0, metrics_port=0, device="cpu", feedback_db=f"sqlite:///{root / 'fb.db'}",
+                                   feedback_prompts=str(prompts))).wait_loaded()
+    srv.db = root / "fb.db"
+    srv.http = f"http://127.0.0.1:{srv.server.metrics_port}"
+    yield srv
+    srv.stop()
+
+
+def turns(browser, container_id):
+    container = browser.find_element(By.ID, container_id)
+    return [{"role": t.find_element(By.CLASS_NAME, "role").get_attribute("textContent"),
+             "content": t.find_element(By.CLASS_NAME, "content").get_attribute("textContent")}
+            for t in container.find_elements(By.CLASS_NAME, "turn")]
+
+
+def test_drawn_conversation_is_shown_as_text_and_compared_as_messages(chat_server, browser):
+    from rlhfkit.clients import Client
+
+    with Client(chat_server.address, timeout=60) as c:  # what each model answers, greedy
+        text = {m: c.generate(messages=CONVERSATION, model=m, max_new_tokens=6).completions[0].text
+                for m in ("policy", "reference")}
+    assert text["policy"] != text["reference"]
+    wait = WebDriverWait(browser, 60)
+    browser.get(chat_server.http + "/")
+    browser.execute_script("window.alerted = []; window.alert = (x) => window.alerted.push(String(x));")
+    browser.find_element(By.ID, "draw").click()
+    wait.until(lambda b: b.find_element(By.ID, "drawn").is_displayed())
+    assert not browser.find_element(By.ID, "prompt").is_displayed()
+    assert turns(browser, "drawn-conversation") == CONVERSATION
+    Select(browser.find_element(By.ID, "source")).select_by_value("models")
+    for field, value in (("model-a", "policy"), ("model-b", "reference"), ("temperature", "0"),
+                         ("max-new-tokens", "6")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "compare").click()
+    wait.until(lambda b: b.find_element(By.ID, "battle").is_displayed() and b.find_element(By.ID, "left").text)
+    assert browser.find_element(By.ID, "battle-conversation").is_displayed()
+    assert turns(browser, "battle-conversation") == CONVERSATION
+    left, right = (browser.find_element(By.ID, side).get_attribute("textContent") for side in ("left", "right"))
+    assert {left, right} == set(text.values())
+    # The markup in the messages is text on the page: no element was made from it, nothing ran.
+    assert browser.find_elements(By.TAG_NAME, "img") == [] and browser.find_elements(By.CSS_SELECTOR, "main b") == []
+    assert {e.tag_name for e in browser.find_elements(By.CSS_SELECTOR, ".conversation *")} == {"div", "span", "pre"}
+    assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # label.js
+    browser.find_element(By.TAG_NAME, "body").click()
+    browser.find_element(By.TAG_NAME, "body").send_keys("1")
+    wait.until(lambda b: b.find_element(By.ID, "reveal").is_displayed())
+    assert browser.execute_script("return window.alerted") == []
+
+    # Back to a typed prompt: a text comparison, no conversation shown.
+    browser.find_element(By.ID, "type-instead").click()
+    assert browser.find_element(By.ID, "prompt").is_displayed()
+    assert not browser.find_element(By.ID, "drawn").is_displayed()
+    browser.find_element(By.ID, "prompt").send_keys("the cat")
+    browser.find_element(By.ID, "compare").click()
+    wait.until(lambda b: not b.find_element(By.ID, "reveal").is_displayed() and b.find_element(By.ID, "left").text)
+    assert not browser.find_element(By.ID, "battle-conversation").is_displayed()
+    browser.find_element(By.TAG_NAME, "body").click()
+    browser.find_element(By.TAG_NAME, "body").send_keys("2")
+    wait.until(lambda b: b.find_element(By.ID, "reveal").is_displayed())
+
+    store = FeedbackStore(f"sqlite:///{chat_server.db}")
+    rows = store.voted_comparisons()
+    store.close()
+    assert [(r["choice"], r["prompt"], r["messages"]) for r in rows] == [("left", "", CONVERSATION),
+                                                                          ("right", "the cat", None)]
+    assert (rows[0]["left_response"], rows[0]["right_response"]) == (left, right)

@@ -1,8 +1,12 @@
 // The labeling page: ask the server for a comparison, show the two anonymous responses,
-// send the vote (buttons or keys 1-4), then show which models answered.
+// send the vote (buttons or keys 1-4), then show which models answered. A prompt is text or
+// a conversation (drawn from the server's --feedback-prompts file); a conversation is shown
+// turn by turn above the responses. Data is only ever put in the page as text (textContent):
+// prompts, messages and responses are whatever people and models wrote.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;  // the comparison on screen, until voted
+let drawnMessages = null;  // the conversation drawn as the prompt, or null for the text box
 
 async function api(path, body) {
   const resp = await fetch(path, body === undefined ? {} :
@@ -26,17 +30,44 @@ function annotator() {
   return id;
 }
 
+// One element per turn: the role, then the content, both as text.
+function renderConversation(container, messages) {
+  container.replaceChildren(...messages.map((m) => {
+    const turn = document.createElement("div");
+    turn.className = "turn";
+    turn.dataset.role = m.role;
+    const role = document.createElement("span");
+    role.className = "role";
+    role.textContent = m.role;
+    const content = document.createElement("pre");
+    content.className = "content";
+    content.textContent = m.content;
+    turn.append(role, content);
+    return turn;
+  }));
+  container.hidden = messages.length === 0;
+}
+
+function setDrawnMessages(messages) {
+  drawnMessages = messages;
+  $("prompt").hidden = messages !== null;
+  $("drawn").hidden = messages === null;
+  renderConversation($("drawn-conversation"), messages || []);
+  if (messages !== null) $("prompt").value = "";
+}
+
 async function compare() {
   const prompt = $("prompt").value;
-  if (!prompt.trim()) return status("Type a prompt or draw one first.", true);
+  if (drawnMessages === null && !prompt.trim()) return status("Type a prompt or draw one first.", true);
   const sampling = {temperature: Number($("temperature").value), maxNewTokens: Number($("max-new-tokens").value)};
-  const body = {prompt, sampling};
+  const body = drawnMessages !== null ? {messages: drawnMessages, sampling} : {prompt, sampling};
   if ($("source").value === "models") body.models = {modelA: $("model-a").value, modelB: $("model-b").value};
   else body.samplesOf = $("samples-of").value;
   status("Generating…");
   $("compare").disabled = true;
   try {
     current = await api("/api/comparisons", body);
+    renderConversation($("battle-conversation"), current.messages || []);
     $("left").textContent = current.left;
     $("right").textContent = current.right;
     $("left-model").textContent = $("right-model").textContent = "";
@@ -73,7 +104,15 @@ async function vote(button) {
 }
 
 async function draw() {
-  try { $("prompt").value = (await api("/api/prompt")).prompt; } catch (e) { status(e.message, true); }
+  try {
+    const drawn = await api("/api/prompt");  // {prompt: text} or {messages: [{role, content}, ...]}
+    if (drawn.messages) {
+      setDrawnMessages(drawn.messages);
+    } else {
+      setDrawnMessages(null);
+      $("prompt").value = drawn.prompt;
+    }
+  } catch (e) { status(e.message, true); }
 }
 
 async function listModels() {
@@ -84,6 +123,7 @@ async function listModels() {
 }
 
 $("draw").onclick = draw;
+$("type-instead").onclick = () => { setDrawnMessages(null); $("prompt").focus(); };
 $("compare").onclick = compare;
 $("source").onchange = () => {
   $("models-box").hidden = $("source").value !== "models";

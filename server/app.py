@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
+from rlhfkit.hf import resolve_model
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.feedback_service import FeedbackService
@@ -47,9 +48,12 @@ SERVICE_NAMES = [
 
 @dataclass
 class ServeConfig:
-    policy: str | None = field(default=None, metadata={"help": "Hugging Face causal-LM checkpoint directory to serve for generation"})
-    reward: str | None = field(default=None, metadata={"help": "reward model directory (AutoModelForSequenceClassification, num_labels=1)"})
-    reference: str | None = field(default=None, metadata={"help": "reference (SFT) policy directory for Reward.LogProbs KL"})
+    policy: str | None = field(default=None, metadata={"help": "causal LM to serve for generation: a checkpoint directory or a Hugging Face Hub id "
+                                                                "(ORG/NAME, from the Hugging Face cache, downloaded into it if missing unless HF_HUB_OFFLINE=1)"})
+    reward: str | None = field(default=None, metadata={"help": "reward model (AutoModelForSequenceClassification, num_labels=1): a directory or a Hub id"})
+    reference: str | None = field(default=None, metadata={"help": "reference (SFT) policy for Reward.LogProbs KL: a directory or a Hub id"})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the --policy/--reward/--reference given as "
+                                                                  "Hub ids (default main); local directories ignore it"})
     store: str | None = field(default=None, metadata={"help": "model store directory: named checkpoints whose roles come from "
                                                                "roles.json or the newest checkpoint of each stage (instead of --policy/--reward/--reference)"})
     reload_interval: float = field(default=2.0, metadata={"help": "seconds between checks for newly published checkpoints (0: never reload)"})
@@ -76,6 +80,8 @@ class ServeConfig:
             raise ValueError("give --store DIR, or --policy/--reward/--reference directories, not both")
         if not (self.store or self.policy or self.reward):
             raise ValueError("nothing to serve: give --policy DIR and/or --reward DIR, or --store DIR")
+        if self.store and self.revision:
+            raise ValueError("--revision applies to --policy/--reward/--reference Hub ids, not to --store")
         if self.reload_interval < 0:
             raise ValueError(f"reload_interval must be >= 0, got {self.reload_interval}")
         for name in ("port", "metrics_port"):
@@ -161,16 +167,23 @@ class RlhfkitServer:
         self.loading = asyncio.ensure_future(self._load_then_serve())
 
     def desired(self) -> tuple[dict[str, CheckpointRef], dict[str, str]]:
-        """What should be served now: (name -> checkpoint, role -> name)."""
+        """What should be served now: (name -> checkpoint, role -> name). A Hub id is looked
+        up in the Hugging Face cache each time, so a newer snapshot of its revision (`hf
+        download` while serving) is loaded like a republished directory; only the first
+        look, before anything serves, may download."""
         if self.store:
             return self.store.resolve()
         refs = {}
-        for role, path, kind in (("policy", self.config.policy, "policy"), ("reference", self.config.reference, "policy"),
+        for role, name, kind in (("policy", self.config.policy, "policy"), ("reference", self.config.reference, "policy"),
                                  ("reward", self.config.reward, "reward")):
-            if path:
+            if name:
+                try:
+                    path = resolve_model(name, self.config.revision, local_files_only=self.state.loaded)
+                except OSError as e:
+                    raise FileNotFoundError(f"--{role} {e}") from e
                 ref = read_checkpoint(path, name=role, kind=kind)
                 if ref is None:
-                    raise FileNotFoundError(f"--{role} {path}: not a Hugging Face checkpoint (no readable config.json)")
+                    raise FileNotFoundError(f"--{role} {name}: not a Hugging Face checkpoint (no readable config.json in {path})")
                 refs[role] = ref
         return refs, {role: role for role in refs}
 

@@ -115,6 +115,12 @@ def test_export_after_votes(server, client, tmp_path, capsys):
         {"prompt": "the cat", "chosen": text.left, "rejected": text.right, "vote_id": text_vote.vote_id,
          "comparison_id": text.comparison_id, "annotator_id": "ann", "chosen_model": text_vote.left_model_version,
          "rejected_model": text_vote.right_model_version}]
+    # ... and `rlhfkit train rm` reads the file as it is, conversation and text lines alike.
+    from rlhfkit.training.rm import read_rankings
+
+    assert [(g["prompt"], g["responses"]) for g in read_rankings(str(out), "auto")] == [
+        (CONVERSATION, [[{"role": "assistant", "content": conv.right}], [{"role": "assistant", "content": conv.left}]]),
+        ("the cat", [text.left, text.right])]
 
 
 def post(server, path, body):

@@ -320,7 +320,7 @@ class Engine:
             last_logits = last_logits[torch.tensor(source, device=last_logits.device)]
         self._append_tokens(seqs, sampling_tensors([s.request.params for s in seqs], self.device), last_logits)
         if self._cache is None:
-            self._cache = SlotKVCache(len(prefill.layers), self.lm.context_length)
+            self._cache = SlotKVCache(len(prefill.layers), self.lm.context_length, layout=self.lm.attention)
         self._cache.add_rows(prefill, [lens[i] for i in source], source)
         self._running += seqs
         self._sampling = None

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -12,6 +13,38 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class _DeprecationRecorder(logging.Handler):
+    """transformers announces some deprecations through logger.warning_once, not warnings
+    (so pyproject's filterwarnings cannot turn them into errors): record those."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "deprecat" in msg.lower():
+            self.messages.append(f"{record.name}: {msg}")
+
+
+_deprecations = _DeprecationRecorder()
+
+
+def pytest_configure(config):
+    # On the library's root logger for the whole session (module fixtures load models before
+    # any test starts); each test then fails on what was logged since the previous one.
+    logging.getLogger("transformers").addHandler(_deprecations)
+
+
+@pytest.fixture(autouse=True)
+def _no_transformers_deprecations():
+    yield
+    logged, _deprecations.messages[:] = list(_deprecations.messages), []
+    if logged:
+        pytest.fail("transformers logged a deprecation (rename the call; see rlhfkit.hf):\n" + "\n".join(logged),
+                    pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -197,3 +197,32 @@ def test_serve_refuses_a_model_missing_from_the_cache_offline(hub, tmp_path):
 def test_revision_does_not_apply_to_a_store(tmp_path):
     with pytest.raises(ValueError, match="--revision applies to"):
         ServeConfig(store=str(tmp_path), revision="v1")
+
+
+def test_trainers_take_a_hub_id_and_a_revision_from_the_cache(hub, checkpoints, tmp_path):
+    """`rlhfkit train sft|dpo --model ORG/NAME --revision R` offline: trained from the cached
+    snapshot of that revision (the other revision's weights would give another start), with
+    the Hub id as the checkpoint's parent."""
+    from rlhfkit.training import task
+    from rlhfkit.training.checkpoint import read_info
+    from rlhfkit.training.cli import main as train_main
+    from rlhfkit.training.data import write_jsonl
+
+    put_in_cache(hub, "org/tiny", checkpoints["policy-a"], refs=("main",))
+    put_in_cache(hub, "org/tiny", checkpoints["policy-b"], refs=("v2",))
+    sft = write_jsonl(tmp_path / "sft.jsonl", task.sft_records(8, seed=1))
+    run = ["--device", "cpu", "--no-progress", "--max-steps", "1", "--batch-size", "4", "--learning-rate", "1e-9"]
+    for revision, source in (("v2", "policy-b"), (None, "policy-a")):
+        out = tmp_path / f"sft-{revision}"
+        assert train_main(["sft", "--model", "org/tiny", "--train-file", str(sft), "--output-dir", str(out), *run]
+                          + (["--revision", revision] if revision else [])) == 0
+        assert read_info(out)["parent"] == "org/tiny"
+        trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        start = AutoModelForCausalLM.from_pretrained(checkpoints[source]).state_dict()
+        assert all(torch.allclose(trained[k], start[k], atol=1e-6) for k in start)  # lr 1e-9: the start, unchanged
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", task.preference_records(4, seed=2))
+    assert train_main(["dpo", "--model", "org/tiny", "--train-file", str(prefs), "--output-dir", str(tmp_path / "dpo"),
+                       *run]) == 0
+    with pytest.raises(FileNotFoundError, match="hf download org/missing"):
+        train_main(["sft", "--model", "org/missing", "--train-file", str(sft), "--output-dir", str(tmp_path / "x"),
+                    *run])

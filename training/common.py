@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of --model when it is a Hugging Face Hub id (read through the Hub cache; HF_HUB_OFFLINE=1 is honoured)"})
 
     def __post_init__(self):
         for name in ("max_length", "batch_size", "log_every"):

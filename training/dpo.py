@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhfkit.hf import resolve_model
+
 from . import distributed
 from .checkpoint import publish_checkpoint
 from .common import TrainConfig, batched, pick_device, seed_everything
@@ -29,7 +31,7 @@ from .sft import IGNORE, collate, token_logprobs, tokenize_sft
 class DPOConfig(TrainConfig):
     """Fine-tune a policy on preference pairs with DPO (sigmoid, IPO or hinge loss)."""
 
-    model: str = field(metadata={"help": "policy to start from (usually the SFT checkpoint)"})
+    model: str = field(metadata={"help": "policy to start from (usually the SFT checkpoint): a directory or a Hub id"})
     train_file: str = field(metadata={"help": "preferences JSONL, one {prompt, chosen, rejected} per line"})
     output_dir: str = field(metadata={"help": "where to publish the policy"})
     ref_model: str | None = field(default=None, metadata={"help": "reference policy (default: --model)"})
@@ -115,7 +117,8 @@ def train_dpo(config: DPOConfig) -> dict:
     on its slice of every batch of `batch_size` pairs (see distributed.py)."""
     rng = seed_everything(config.seed)
     device = distributed.init(pick_device(config.device))
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model_path = resolve_model(config.model, config.revision)  # a directory or a Hub id
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     average = config.loss_type == "ipo"  # IPO's target 1/(2β) is on a per-token scale (as in TRL)
 
@@ -124,11 +127,12 @@ def train_dpo(config: DPOConfig) -> dict:
     if not train:
         raise ValueError(f"{config.train_file}: no pair fits in max_length={config.max_length}")
     ref_path = config.ref_model or config.model
-    ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device)
+    ref_model = AutoModelForCausalLM.from_pretrained(resolve_model(config.ref_model) if config.ref_model else model_path,
+                                                     dtype=torch.float32).to(device)
     add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, device, average)
     del ref_model
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     model.train()
     distributed.broadcast_parameters(model)
     total_steps = config.total_steps(len(train))

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import task
 from rlhfkit.chat import end_token_ids, prompt_ids
+from rlhfkit.hf import resolve_model
 
 from .common import batched, pick_device
 from .data import read_jsonl, write_jsonl
@@ -23,8 +24,10 @@ from .ppo import decode_responses, generate, response_logprobs, response_mask_of
 
 
 def load_policy(policy_dir: str | Path, device="cpu"):
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device).eval()
+    """A policy directory or Hub id (rlhfkit.hf.resolve_model) and its tokenizer."""
+    path = resolve_model(str(policy_dir))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return policy, tokenizer
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.chat import end_token_ids, prompt_ids
-from rlhfkit.hf import cache_kwargs, output_cache
+from rlhfkit.hf import cache_kwargs, output_cache, resolve_model
 
 from . import distributed, task
 from .checkpoint import publish_checkpoint, read_info
@@ -48,7 +48,7 @@ from .sft import IGNORE, collate, sft_loss, tokenize_sft, trained_tokens
 class PPOConfig:
     """Optimise a policy against a reward model with PPO, a KL penalty to the reference and optional PPO-ptx."""
 
-    model: str = field(metadata={"help": "policy to start from (the SFT checkpoint)"})
+    model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
     reward_model: str = field(metadata={"help": "reward model checkpoint (also the value model's starting point)"})
     prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line: text, or a conversation (a list of messages)"})
     output_dir: str = field(metadata={"help": "where to publish the policy"})
@@ -83,6 +83,7 @@ class PPOConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of --model when it is a Hugging Face Hub id (read through the Hub cache; HF_HUB_OFFLINE=1 is honoured)"})
 
     def __post_init__(self):
         for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
@@ -200,12 +201,16 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
 # ---------------------------------------------------------------- training
 
 def _load(config: PPOConfig, device):
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    policy = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(config.ref_model or config.model, dtype=torch.float32).to(device).eval()
-    rm_tokenizer = AutoTokenizer.from_pretrained(config.reward_model)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(config.reward_model, dtype=torch.float32).to(device).eval()
-    value_model = AutoModelForSequenceClassification.from_pretrained(config.reward_model, dtype=torch.float32).to(device)
+    """Each model reference a local directory or a Hub id (rlhfkit.hf.resolve_model)."""
+    model = resolve_model(config.model, config.revision)
+    ref_path = resolve_model(config.ref_model) if config.ref_model else model
+    rm_path = resolve_model(config.reward_model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device).eval()
+    rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device).eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device)
     for model in (ref, reward_model):
         model.requires_grad_(False)
     return tokenizer, policy, ref, rm_tokenizer, reward_model, value_model
@@ -276,7 +281,7 @@ def train_ppo(config: PPOConfig) -> dict:
     generator = torch.Generator(device=device).manual_seed(config.seed + distributed.rank())
     tokenizer, policy, ref, rm_tokenizer, reward_model, value_model = _load(config, device)
     distributed.broadcast_parameters(policy, value_model)
-    reward_bias = float(read_info(config.reward_model).get("reward_bias", 0.0))
+    reward_bias = float(read_info(resolve_model(config.reward_model)).get("reward_bias", 0.0))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]

@@ -23,6 +23,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhfkit.hf import resolve_model
+
 from . import distributed
 from .checkpoint import publish_checkpoint
 from rlhfkit.chat import reward_ids
@@ -36,7 +38,7 @@ from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
 class RMConfig(TrainConfig):
     """Train a reward model on preference pairs or K-wise rankings (JSONL)."""
 
-    model: str = field(metadata={"help": "SFT checkpoint to start from; its LM head is replaced by a scalar head"})
+    model: str = field(metadata={"help": "SFT checkpoint to start from (a directory or a Hub id); its LM head is replaced by a scalar head"})
     train_file: str = field(metadata={"help": "preferences {prompt, chosen, rejected[, margin]} or rankings {prompt, responses: [best, ..., worst]}, text or conversations (TRL's formats, the implicit-prompt {chosen, rejected} too)"})
     output_dir: str = field(metadata={"help": "where to publish the reward model"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out preferences or rankings: pairwise accuracy"})
@@ -138,10 +140,11 @@ def train_rm(config: RMConfig) -> dict:
     trains on its slice of every batch of `batch_size` groups (see distributed.py)."""
     rng = seed_everything(config.seed)
     device = distributed.init(pick_device(config.device))
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model_path = resolve_model(config.model, config.revision)  # a directory or a Hub id
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{config.model}: the tokenizer has no pad token; the RM finds the last token by padding")
-    model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).train()
     distributed.broadcast_parameters(model)

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhfkit.hf import resolve_model
+
 from . import distributed
 from .checkpoint import publish_checkpoint
 from rlhfkit.chat import prompt_ids, render_conversation, reply_ids
@@ -31,7 +33,7 @@ IGNORE = -100
 class SFTConfig(TrainConfig):
     """Fine-tune a causal LM on {"prompt", "completion"} JSONL."""
 
-    model: str = field(metadata={"help": "checkpoint to start from (a Hugging Face directory)"})
+    model: str = field(metadata={"help": "checkpoint to start from: a local directory or a Hugging Face Hub id (see --revision)"})
     train_file: str = field(metadata={"help": "SFT JSONL: {\"prompt\", \"completion\"} per line (text), or conversations: {\"messages\"} or {\"prompt\": [msgs], \"completion\": [msgs]}"})
     output_dir: str = field(metadata={"help": "where to publish the fine-tuned checkpoint"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out SFT JSONL for the eval loss"})
@@ -107,8 +109,9 @@ def train_sft(config: SFTConfig) -> dict:
     trains on its slice of every batch of `batch_size` examples (see distributed.py)."""
     rng = seed_everything(config.seed)
     device = distributed.init(pick_device(config.device))
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device)
+    model_path = resolve_model(config.model, config.revision)  # a directory or a Hub id
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     model.train()
     distributed.broadcast_parameters(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
 from rlhfkit.server.engine import Engine
@@ -103,11 +104,29 @@ class ServeConfig:
             raise ValueError(f"feedback_db must be a URL (sqlite:///PATH or postgresql://...), got {self.feedback_db!r}")
 
 
-def read_prompts(path: str | None) -> list[str] | None:
+def read_prompts(path: str | None) -> list | None:
+    """--feedback-prompts: JSONL {"prompt": text or [messages]} lines (TRL's prompt formats),
+    each checked, errors naming path:line."""
     if not path:
         return None
+    prompts = []
     with open(path, encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--feedback-prompts {path}:{lineno}"
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{where}: expected a JSON object {{\"prompt\": text or [messages]}}") from None
+            if isinstance(prompt, list):
+                try:
+                    prompt = as_messages(prompt, "prompt")
+                except (ChatFormatError, AttributeError, TypeError) as e:
+                    raise ValueError(f"{where}: {e if isinstance(e, ChatFormatError) else 'bad messages'}") from None
+            elif not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+            prompts.append(prompt)
     if not prompts:
         raise ValueError(f"--feedback-prompts {path}: no prompts")
     return prompts

@@ -20,7 +20,6 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.server.service import REQUEST_ERRORS, STATUS_FOR
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 
@@ -57,7 +56,7 @@ class HttpSide:
                 log.debug("%s " + fmt, self.address_string(), *args)
 
         self.metrics, self.feedback, self.registry, self.loop = metrics, feedback, registry, loop
-        self.prompts = [self.drawable(i, p) for i, p in enumerate(prompts or DEFAULT_PROMPTS)]
+        self.prompts = [self.drawable(p) for p in prompts or DEFAULT_PROMPTS]
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_port
@@ -65,18 +64,10 @@ class HttpSide:
         self._thread.start()
 
     @staticmethod
-    def drawable(i: int, prompt) -> dict:
-        """What GET /api/prompt answers for one prompt: {"prompt": text} or {"messages": [...]}
-        (the fields of CreateComparisonRequest the page then sends)."""
-        if isinstance(prompt, str) and prompt:
-            return {"prompt": prompt}
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            try:
-                return {"messages": as_messages(prompt, f"prompt {i + 1}: messages")}
-            except ChatFormatError as e:
-                raise ValueError(f"--feedback-prompts: {e}") from None
-        raise ValueError(f"--feedback-prompts: prompt {i + 1}: 'prompt' must be a non-empty string or a list of "
-                         f"{{role, content}} messages, got {prompt!r}")
+    def drawable(prompt) -> dict:
+        """What GET /api/prompt answers for one prompt (checked by app.read_prompts): {"prompt":
+        text} or {"messages": [...]}, the fields of CreateComparisonRequest the page then sends."""
+        return {"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}
 
     def shutdown(self):
         self.httpd.shutdown()

@@ -4,7 +4,7 @@ here, checked against the tokenizer's own apply_chat_template and plain transfor
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhfkit.clients import Client, generate_request
 from rlhfkit.server.app import ServeConfig, ServerThread

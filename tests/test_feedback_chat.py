@@ -146,11 +146,16 @@ def test_json_api_draws_and_compares_conversations(server, client):
     assert e.value.code == 400 and body["code"] == "INVALID_ARGUMENT" and body["error"].startswith("messages:")
 
 
-def test_prompts_file_entries_are_checked():
-    assert HttpSide.drawable(0, "the cat") == {"prompt": "the cat"}
-    assert HttpSide.drawable(0, CONVERSATION) == {"messages": CONVERSATION}
-    with pytest.raises(ValueError, match=r"--feedback-prompts: prompt 2: messages\[0\]\.role"):
-        HttpSide.drawable(1, [{"role": "bot", "content": "x"}])
-    for bad in ({"text": "x"}, ["hi"], ""):
-        with pytest.raises(ValueError, match="--feedback-prompts: prompt 3: 'prompt' must be"):
-            HttpSide.drawable(2, bad)
+def test_prompts_file_entries_are_checked(tmp_path):
+    from rlhfkit.server.app import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "the cat"}) + "\n\n" + json.dumps({"prompt": CONVERSATION}) + "\n")
+    assert read_prompts(str(path)) == ["the cat", CONVERSATION]
+    assert [HttpSide.drawable(p) for p in read_prompts(str(path))] == [{"prompt": "the cat"}, {"messages": CONVERSATION}]
+    for bad, message in ((json.dumps({"prompt": [{"role": "bot", "content": "x"}]}), r"prompt\[0\]\.role: must be"),
+                         (json.dumps({"text": "x"}), "expected a JSON object"), ("{oops", "expected a JSON object"),
+                         (json.dumps({"prompt": ["hi"]}), "bad messages"), (json.dumps({"prompt": ""}), "'prompt' must be a non-empty")):
+        path.write_text(json.dumps({"prompt": "ok"}) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=f"--feedback-prompts {path}:2: " + message):
+            read_prompts(str(path))

@@ -248,13 +248,16 @@ def _user(prompt: str) -> list[dict]:
 
 
 def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text.removeprefix(" ")}]
+    # The answer keeps its leading space: then every item of it is the same kind of token
+    # (" 3", " dog") whether first or not, as in the text format, instead of the first one
+    # alone being a bare "3" (a small model from scratch learns the task worse that way).
+    return [{"role": "assistant", "content": text}]
 
 
 def as_conversation(record: dict) -> dict:
     """A text record of the task in TRL's conversational form: the instruction as the user
-    turn (without the answer cue), each response as an assistant turn (without the space
-    that follows the cue). Utilities are unchanged: they read the words."""
+    turn (without the answer cue), each response as an assistant turn. Utilities are
+    unchanged: they read the words."""
     out = {k: v for k, v in record.items() if k not in ("prompt", "completion", "chosen", "rejected", "responses")}
     if "completion" in record:
         return {"messages": _user(record["prompt"]) + _assistant(record["completion"]), **out}

@@ -51,7 +51,7 @@ class QuickstartConfig:
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
     ppo_iterations: int = field(default=500, metadata={"help": "PPO iterations"})
     ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
-    kl_coef: float = field(default=0.05, metadata={"help": "PPO per-token KL penalty"})
+    kl_coef: float = field(default=0.35, metadata={"help": "PPO per-token KL penalty (0.05 over-optimised the reward model: 60-65% win rate on the chat path, 70-71% on text; 0.35: 72-75% on both, seeds 0-3)"})
     batch_size: int = field(default=32, metadata={"help": "batch size of every stage (PPO: prompts per rollout)"})
     n_eval: int = field(default=200, metadata={"help": "held-out prompts of the evaluation"})
     eval_samples: int = field(default=4, metadata={"help": "sampled response pairs per held-out prompt for the win rate"})

@@ -168,6 +168,32 @@ def _float32_rows(logits, rows, inv_temperature):
     return z * inv_temperature if inv_temperature != 1.0 else z
 
 
+# CPU log_softmax sums exp() in float32 lane by lane, V/16 additions each: at V = 262,144
+# (Gemma 3) its log-prob errors reach 1e-4 nats (2e-5 relative), past float32 rounding. Above
+# this many columns the sum is accumulated in float64 instead (exact to float32 rounding; the
+# op costs ~2x the fused pass, which keeps its speed below it: 5e-6 nats at V = 32,000).
+FUSED_LOG_SOFTMAX_MAX_V = 65536
+
+
+def _logp_entropy(z, labels, with_entropy):
+    """Chosen-token log-prob and entropy of float32 rows z [N, V] (labels all kept)."""
+    if z.shape[1] <= FUSED_LOG_SOFTMAX_MAX_V:
+        logp_all = torch.log_softmax(z, dim=-1)
+        logp = logp_all.gather(1, labels.unsqueeze(1)).squeeze(1)
+        # entr(p) = -p log p, and entr(0) = 0 on masked vocabulary
+        return logp, torch.special.entr(logp_all.exp_()).sum(-1) if with_entropy else None
+    m = z.amax(-1, keepdim=True).clamp(min=torch.finfo(z.dtype).min)  # a fully masked row stays finite
+    e = (z - m).exp_()
+    total = e.sum(-1, dtype=torch.float64)
+    lse = m.squeeze(1).double() + total.log()
+    logp = (z.gather(1, labels.unsqueeze(1)).squeeze(1).double() - lse).float()
+    if not with_entropy:
+        return logp, None
+    # H = lse - sum(p z), over the finite entries (p = 0 where z = -inf)
+    pz = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(-1, dtype=torch.float64) / total
+    return logp, (lse - pz).float()
+
+
 def _torch_forward_2d(logits, labels, temperature, ignore_index, with_entropy):
     # Few, large ops per chunk: on a busy CPU every parallel region can wait for a thread.
     # log_softmax is one fused pass on CPU (logsumexp is several); the PyTorch backward
@@ -175,18 +201,18 @@ def _torch_forward_2d(logits, labels, temperature, ignore_index, with_entropy):
     n_rows, n_cols = logits.shape
     if n_rows * n_cols <= TORCH_CHUNK_ELEMENTS:  # one chunk, e.g. a decode step: no bookkeeping
         keep = labels != ignore_index
-        logp_all = torch.log_softmax(_float32_rows(logits, slice(None), 1.0 / temperature), dim=-1)
-        logp = logp_all.gather(1, torch.where(keep, labels, 0).unsqueeze(1)).squeeze(1).masked_fill_(~keep, 0.0)
-        entropy = (torch.special.entr(logp_all.exp_()).sum(-1).masked_fill_(~keep, 0.0) if with_entropy
-                   else torch.zeros_like(logp))
-        return logp, torch.zeros_like(logp), entropy
+        logp, entropy = _logp_entropy(_float32_rows(logits, slice(None), 1.0 / temperature),
+                                      torch.where(keep, labels, 0), with_entropy)
+        entropy = entropy.masked_fill_(~keep, 0.0) if with_entropy else torch.zeros_like(logp)
+        return logp.masked_fill_(~keep, 0.0), torch.zeros_like(logp), entropy
     logp = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.zeros_like(logp)
     for rows in _row_chunks(labels, ignore_index, n_cols):
-        logp_all = torch.log_softmax(_float32_rows(logits, rows, 1.0 / temperature), dim=-1)
-        logp[rows] = logp_all.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
-        if with_entropy:  # entr(p) = -p log p, and entr(0) = 0 on masked vocabulary
-            entropy[rows] = torch.special.entr(logp_all.exp_()).sum(-1)
+        chunk_logp, chunk_entropy = _logp_entropy(_float32_rows(logits, rows, 1.0 / temperature), labels[rows],
+                                                  with_entropy)
+        logp[rows] = chunk_logp
+        if with_entropy:
+            entropy[rows] = chunk_entropy
     return logp, torch.zeros_like(logp), entropy
 
 

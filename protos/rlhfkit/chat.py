@@ -136,9 +136,10 @@ def render_conversation(tokenizer, messages: Messages, train_from: int = 0) -> t
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from:
             continue
-        start = len(render_prompt(tokenizer, messages[:i])) if i else 0
+        head = render_prompt(tokenizer, messages[:i]) if i else []
+        start = len(head)
         through = _apply(tokenizer, messages[:i + 1], add_generation_prompt=False)
-        if ids[:len(through)] != through or (i and through[:start] != render_prompt(tokenizer, messages[:i])):
+        if ids[:len(through)] != through or through[:start] != head:
             raise ChatFormatError(
                 f"messages[{i}]", "the chat template does not render the conversation up to this turn as a "
                 "prefix of the whole conversation, so its assistant tokens cannot be located; use a template "

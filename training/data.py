@@ -118,16 +118,14 @@ def _check_record(record: dict, fmt: str, where: str) -> None:
         if key == "prompt" and chat_prompt:
             continue
         if key == "responses":
-            if not isinstance(value, list):
+            messages = chat_prompt and isinstance(value, list) and all(isinstance(r, list) for r in value)
+            if not isinstance(value, list) or not messages and not all(isinstance(r, str) for r in value):
                 raise DataError(f"{where}: 'responses' must be a list of strings"
                                 + (" or of message lists" if chat_prompt else "") + ", best first")
             if len(value) < 2:
                 raise DataError(f"{where}: 'responses' needs at least two responses to rank, got {len(value)}")
-            if chat_prompt and all(isinstance(r, list) for r in value):
+            if messages:
                 value[:] = [_check_messages(record, f"responses[{i}]", where, r) for i, r in enumerate(value)]
-            elif not all(isinstance(r, str) for r in value):
-                raise DataError(f"{where}: 'responses' must be a list of strings"
-                                + (" or of message lists" if chat_prompt else "") + ", best first")
         elif chat_prompt and isinstance(value, list):
             record[key] = _check_messages(record, key, where)
             if not any(m["role"] == "assistant" for m in record[key]):

@@ -93,11 +93,11 @@ def request_prompt(lm, text: str, messages, field: str = "", ids=()):
     return as_messages(messages, field + "messages")
 
 
-def request_prompt_ids(lm, text: str, ids, messages, field: str = "") -> list[int]:
-    """Prompt token ids from exactly one of text, token ids and messages (rendered with a
-    generation prompt, rlhfkit.chat's rule everywhere)."""
+def request_prompt_ids(lm, text: str, ids, messages, field: str = ""):
+    """(prompt, prompt token ids) from exactly one of text, token ids and messages (rendered
+    with a generation prompt, rlhfkit.chat's rule everywhere); the prompt is "" for ids."""
     prompt = request_prompt(lm, text, messages, field, ids)
-    return prompt_ids(lm.tokenizer, prompt) if prompt else list(ids)
+    return prompt, prompt_ids(lm.tokenizer, prompt) if prompt else list(ids)
 
 
 class ServerState:
@@ -145,7 +145,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         queue: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
         for attempt in (1, 2):
             lm = self.state.registry.get(request.model, "policy")
-            ids = request_prompt_ids(lm, request.prompt, request.prompt_token_ids, request.messages)
+            _, ids = request_prompt_ids(lm, request.prompt, request.prompt_token_ids, request.messages)
             try:
                 req = lm.engine.add_request(ids, params,
                                             lambda outs: loop.call_soon_threadsafe(queue.put_nowait, outs),
@@ -257,8 +257,7 @@ class RewardService(reward_grpc.RewardServicer):
                                       f"{policy.name}; KL needs the same tokenizer")
         items = []
         for i, it in enumerate(request.items):
-            prompt = request_prompt(policy, it.prompt, it.messages, f"items[{i}].", it.prompt_token_ids)
-            p = prompt_ids(policy.tokenizer, prompt) if prompt else list(it.prompt_token_ids)
+            prompt, p = request_prompt_ids(policy, it.prompt, it.prompt_token_ids, it.messages, f"items[{i}].")
             if it.response and it.response_token_ids:
                 raise SamplingParamsError(f"items[{i}].response", f"set items[{i}].response or "
                                           f"items[{i}].response_token_ids, not both")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhfkit.clients import Client, generate_request
 from rlhfkit.server.app import ServeConfig, ServerThread
 from rlhfkit.training.data import DataError, read_jsonl, write_jsonl
-from rlhfkit.training.sft import IGNORE, collate, sft_loss, tokenize_sft
+from rlhfkit.training.sequences import IGNORE, collate, sft_loss, tokenize_sft
 from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 from rlhfkit.v1 import chat_pb2, reward_pb2
 

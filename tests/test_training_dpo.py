@@ -95,6 +95,7 @@ def test_dpo_micro_batches_accumulate_to_the_full_batch_step(base, tmp_path):
     from rlhfkit.training.dpo import train_dpo
 
     train_file = write_jsonl(tmp_path / "prefs.jsonl", task.preference_records(6, seed=9))
-    args = dict(model=str(base), train_file=str(train_file), batch_size=6, learning_rate=1e-2, warmup_steps=1)
+    args = dict(model=str(base), train_file=str(train_file), batch_size=6, learning_rate=1e-2, warmup_steps=1,
+                dtype="float64")  # see assert_same_weights
     assert_same_weights(trained_weights(train_dpo, DPOConfig, tmp_path, "whole", **args),
                         trained_weights(train_dpo, DPOConfig, tmp_path, "micro", micro_batch_size=4, **args))

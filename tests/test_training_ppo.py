@@ -11,7 +11,8 @@ from rlhfkit.training import task
 from rlhfkit.training.checkpoint import read_info
 from rlhfkit.training.cli import main as train_main
 from rlhfkit.training.data import write_jsonl
-from rlhfkit.training.ppo import (generate, response_logprobs, response_mask_of, response_values, shaped_rewards)
+from rlhfkit.training.ppo import shaped_rewards
+from rlhfkit.training.sequences import generate, response_logprobs, response_mask_of, response_values
 from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
 PROMPTS = ["count the words: cat\nanswer:", "sort the numbers: 3 1 2 9 9 4\nanswer:", "reverse the words: a b\nanswer:"]

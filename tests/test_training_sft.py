@@ -13,7 +13,8 @@ from rlhfkit.training.checkpoint import publish_checkpoint, read_info
 from rlhfkit.training.cli import main as train_main
 from rlhfkit.training.common import warmup_cosine
 from rlhfkit.training.data import write_jsonl
-from rlhfkit.training.sft import IGNORE, SFTConfig, collate, sft_loss, tokenize_sft
+from rlhfkit.training.sequences import IGNORE, collate, sft_loss, tokenize_sft
+from rlhfkit.training.sft import SFTConfig
 from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
 
@@ -154,8 +155,10 @@ def trained_weights(train_fn, config_cls, tmp_path, name, **kwargs):
 
 
 def assert_same_weights(a, b):
-    # Adam's first step is lr * g / (|g| + eps): for gradients near eps, summation order
-    # shows up at ~1e-5 of an lr of 1e-2; a different step differs by ~lr.
+    # Adam's first step is lr * g / (|g| + eps), whose slope at g ~ 0 is lr / eps = 1e6: in
+    # float32 the ~1e-10 summation-order noise of a gradient near 0 (micro-batches added in
+    # another order) moves its weight by up to ~1e-4 (7.5e-5 seen on AMD EPYC). The callers
+    # train in float64 (noise ~1e-19, so ~1e-13 here); a different step differs by ~lr.
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
@@ -166,7 +169,8 @@ def test_micro_batches_accumulate_to_the_full_batch_step(base, tmp_path):
     from rlhfkit.training.sft import train_sft
 
     train_file = write_jsonl(tmp_path / "sft.jsonl", task.sft_records(6, seed=5))
-    args = dict(model=str(base), train_file=str(train_file), batch_size=6, learning_rate=1e-2, warmup_steps=1)
+    args = dict(model=str(base), train_file=str(train_file), batch_size=6, learning_rate=1e-2, warmup_steps=1,
+                dtype="float64")
     whole = trained_weights(train_sft, SFTConfig, tmp_path, "whole", **args)
     micro = trained_weights(train_sft, SFTConfig, tmp_path, "micro", micro_batch_size=4, **args)
     assert_same_weights(whole, micro)

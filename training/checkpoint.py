@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 INFO_FILE = "rlhfkit.json"
+ADAPTER_DIR = "adapter"
 STAGES = ("sft", "rm", "ppo", "dpo")
 
 
@@ -63,8 +64,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, parent: str | Path | None,
                        data_fingerprint: str | None = None, metrics: dict | None = None,
-                       overwrite: bool = False, extra: dict | None = None) -> Path:
+                       overwrite: bool = False, extra: dict | None = None, state_dict: dict | None = None) -> Path:
     """Save `model` and `tokenizer` to `output_dir` atomically, with rlhfkit.json.
+
+    A peft (LoRA) model is saved merged, so the checkpoint loads in plain transformers and
+    serves here, with its adapter beside it in output_dir/adapter (PeftModel.from_pretrained
+    reads it over the base model). `state_dict`: the full weights when the model's own are
+    sharded (FSDP).
 
     base_model is inherited from the parent's rlhfkit.json (the model the lineage started
     from), else the parent itself. With overwrite=True an existing checkpoint is replaced
@@ -89,7 +95,11 @@ def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, 
     }
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
+        if hasattr(model, "merge_and_unload"):  # peft
+            model.save_pretrained(tmp / ADAPTER_DIR)
+            info["adapter"] = ADAPTER_DIR
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         _fsync_tree(tmp)

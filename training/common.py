@@ -1,4 +1,4 @@
-"""What every trainer shares: padding, the LR schedule, the optimizer, the metrics log
+"""What every trainer's config shares, the LR schedule, the optimizer, and the metrics log
 (JSONL, one line per logged step) and its plot. Rendering text and conversations to token
 ids is rlhfkit.chat's, shared with the server."""
 
@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -18,8 +19,9 @@ from . import distributed
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """The options SFT, RM and DPO share (TRL's TrainingArguments, small): batching,
-    optimisation, schedule, logging and run control. Each trainer's config adds its own."""
+    """The options every trainer shares (TRL's TrainingArguments, small): batching,
+    optimisation, schedule, precision, LoRA, logging, saves and run control. Each trainer's
+    config adds its own. A step is one optimizer step (PPO: one rollout-and-update iteration)."""
 
     max_length: int = field(default=256, metadata={"help": "truncate each example to this many tokens"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimizer step (over all processes under torchrun)"})
@@ -32,6 +34,17 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides --warmup-ratio when > 0)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak LR"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW's epsilon"})
+    dtype: Literal["float32", "bfloat16", "float64"] = field(default="float32", metadata={"help": "compute precision: bfloat16 runs the forward passes under autocast over float32 trained weights (frozen weights stored in bfloat16); float64 for numerics checks"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the backward pass instead of keeping them (less memory, about a third more compute)"})
+    lora_r: int = field(default=0, metadata={"help": "train LoRA adapters of this rank instead of every weight (0: full fine-tuning); the published checkpoint is merged, the adapter saved beside it in adapter/"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is alpha / r * B A)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "module names to adapt, e.g. q_proj v_proj (default: every linear layer of the transformer blocks)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2, torch.distributed.fsdp.fully_shard) instead of replicating them (DDP)"})
+    save_every: int = field(default=0, metadata={"help": "save the run (trained weights or adapter, optimizer, schedule, RNG states, data position) every N steps, keeping the last two (0: never)"})
+    save_dir: str | None = field(default=None, metadata={"help": "where saves go (default: OUTPUT_DIR.saves beside the output)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest save in --save-dir (the run's config must be the same)"})
     eval_every: int = field(default=0, metadata={"help": "eval every N steps (0: only at the end)"})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps"})
     log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
@@ -51,6 +64,15 @@ class TrainConfig:
             raise ValueError("set num_epochs > 0 or max_steps > 0")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_r must be >= 0 (0: no LoRA), lora_alpha > 0 and lora_dropout in [0, 1); got "
+                             f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.lora_target_modules and not self.lora_r:
+            raise ValueError("lora_target_modules needs lora_r > 0")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: never), got {self.save_every}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
 
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps for a training set of n_examples: max_steps, else num_epochs passes."""
@@ -59,7 +81,8 @@ class TrainConfig:
     def optimizer(self, model: torch.nn.Module, total_steps: int):
         """AdamW and its warmup + cosine schedule, as these options set them."""
         warmup = resolve_warmup(self.warmup_steps, self.warmup_ratio, total_steps)
-        return make_optimizer(model, self.learning_rate, self.weight_decay, total_steps, warmup, self.min_lr_ratio)
+        return make_optimizer(model, self.learning_rate, self.weight_decay, total_steps, warmup, self.min_lr_ratio,
+                              self.adam_eps)
 
     def metrics_log(self) -> "MetricsLog":
         return MetricsLog(self.log_dir or default_log_dir(self.output_dir))
@@ -74,11 +97,6 @@ def pick_device(name: str = "auto") -> torch.device:
 def seed_everything(seed: int) -> random.Random:
     torch.manual_seed(seed)
     return random.Random(seed)
-
-
-def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def batched(items: list, batch_size: int, rng: random.Random | None = None):
@@ -99,12 +117,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
-                   warmup_steps: int, min_lr_ratio: float):
+                   warmup_steps: int, min_lr_ratio: float, eps: float = 1e-8):
     # No decay on biases and norm weights (1-d tensors), as in nanoGPT.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_lr_ratio))
     return optimizer, scheduler
@@ -123,15 +141,20 @@ def default_log_dir(output_dir: str | Path) -> Path:
 class MetricsLog:
     """Appends one JSON object per call to log_dir/metrics.jsonl (flushed, so a crashed run
     keeps its curve) and draws log_dir/curves.png at the end. Under torchrun only rank 0
-    writes; the other ranks keep their rows in memory."""
+    writes; the other ranks keep their rows in memory. A resumed run (resume_step) keeps
+    the rows up to its save and drops the later ones, which it is about to log again."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, resume_step: int | None = None):
         self.dir = Path(log_dir)
         self.path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():
+            self.rows = [row for row in map(json.loads, self.path.read_text().splitlines()) if row["step"] <= resume_step]
         self._file = None
         if distributed.is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
             self._file = open(self.path, "a", encoding="utf-8")
         self._start = time.time()
 

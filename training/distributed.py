@@ -4,8 +4,8 @@
 
 torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK; a trainer
 then joins the process group (gloo on CPU, NCCL on CUDA with cuda:LOCAL_RANK), takes its
-slice of every global batch, and the ranks add up their gradients before each optimizer
-step, so their weights stay identical. Rank 0 alone writes checkpoints, metrics and progress
+slice of every global batch, and torch's DistributedDataParallel (or FSDP2 with --fsdp)
+reduces the gradients before each optimizer step, so the ranks' weights stay identical. Rank 0 alone writes checkpoints, metrics and progress
 bars. Without torchrun every function here is a no-op or the identity: one process trains
 exactly as it always has.
 
@@ -70,32 +70,14 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def broadcast_parameters(*models: torch.nn.Module) -> None:
-    """Give every rank rank 0's weights, as DistributedDataParallel does when it wraps a model
-    (a freshly initialised head, e.g. the reward model's, then starts the same everywhere)."""
-    if dist.is_initialized():
-        for model in models:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch's DistributedDataParallel around `module` (which computes the whole loss in its
+    forward, so the reducer sees every parameter used). It gives every rank rank 0's
+    weights at once (a freshly initialised head then starts the same everywhere) and
+    averages gradients over ranks in the backward pass of each synced forward."""
+    from torch.nn.parallel import DistributedDataParallel
 
-
-def sum_gradients(parameters) -> None:
-    """Add up the ranks' gradients, in place, once per optimizer step after all micro-batches.
-
-    Each rank's loss is its share of the global batch's loss (normalised by the global
-    batch's example or token count), so the sum is the global batch's gradient, exactly as
-    micro-batches add up in one process. This replaces DistributedDataParallel, whose reducer
-    hooks into model.forward: the trainers read hidden states from model.base_model and
-    apply the LM head (or score head) themselves, which DDP would not see.
-    """
-    if not dist.is_initialized():
-        return
-    params = [p for p in parameters if p.requires_grad]
-    # A rank with no examples in this batch has no gradients: it adds zeros.
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    for p, grad in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def all_sum(values: list) -> list[float]:

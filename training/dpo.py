@@ -9,22 +9,21 @@ the policy's first step.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhfkit.hf import resolve_model
 
 from . import distributed
-from .checkpoint import publish_checkpoint
-from .common import TrainConfig, batched, pick_device, seed_everything
-from .data import fingerprint_files, read_jsonl
+from .common import TrainConfig, batched
+from .data import read_jsonl
 from .losses import dpo_loss
-from .sft import IGNORE, collate, token_logprobs, tokenize_sft
+from .sequences import IGNORE, collate, pad_id_of, token_logprobs, tokenize_sft
+from .skeleton import LossModule, Run
 
 
 @dataclass(kw_only=True)
@@ -112,14 +111,30 @@ def evaluate(model, pairs, config: DPOConfig, pad_id: int, device) -> dict:
     return {"eval_loss": loss_sum / n, "eval_reward_accuracy": correct / n, "eval_reward_margin": margin_sum / n}
 
 
+def micro_loss(micro, batch, *, model, config: DPOConfig, pad_id: int, device):
+    """The micro-batch's share of the batch's mean loss, and its implicit rewards."""
+    part, chosen_r, rejected_r = pair_loss(model, micro, config, pad_id, device)
+    return part * len(micro) / len(batch), {"chosen": chosen_r.detach(), "rejected": rejected_r.detach()}
+
+
+def train_stats(batch, stats: list[dict], metrics: dict) -> dict:
+    """Implicit-reward accuracy and margins over every rank's pairs of the step's batch."""
+    chosen_r = torch.cat(distributed.gather([s["chosen"] for s in stats]))
+    rejected_r = torch.cat(distributed.gather([s["rejected"] for s in stats]))
+    row = {"reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
+           "reward_margin": (chosen_r - rejected_r).mean().item(), "reward_chosen": chosen_r.mean().item(),
+           "reward_rejected": rejected_r.mean().item()}
+    metrics["train_reward_accuracy"] = row["reward_accuracy"]
+    return row
+
+
 def train_dpo(config: DPOConfig) -> dict:
     """Train, publish the policy, return the final metrics. Under torchrun each rank trains
     on its slice of every batch of `batch_size` pairs (see distributed.py)."""
-    rng = seed_everything(config.seed)
-    device = distributed.init(pick_device(config.device))
+    run = Run(config, "dpo")
     model_path = resolve_model(config.model, config.revision)  # a directory or a Hub id
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     average = config.loss_type == "ipo"  # IPO's target 1/(2β) is on a per-token scale (as in TRL)
 
     train = tokenize_pairs(tokenizer, read_jsonl(config.train_file, "preferences"), config.max_length)
@@ -127,62 +142,32 @@ def train_dpo(config: DPOConfig) -> dict:
     if not train:
         raise ValueError(f"{config.train_file}: no pair fits in max_length={config.max_length}")
     ref_path = config.ref_model or config.model
-    ref_model = AutoModelForCausalLM.from_pretrained(resolve_model(config.ref_model) if config.ref_model else model_path,
-                                                     dtype=torch.float32).to(device)
-    add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, device, average)
-    del ref_model
+    if config.lora_r and not config.ref_model:
+        # The reference is the base weights: the policy itself, its adapter not yet trained.
+        model = run.load(AutoModelForCausalLM, model_path)
+        with model.disable_adapter(), run.autocast():
+            add_reference_logps(model, train + evals, config.batch_size, pad_id, run.device, average)
+        model.train()
+    else:
+        ref_model = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model_path,
+                             trainable=False)
+        with run.autocast():
+            add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, run.device, average)
+        del ref_model
+        model = run.load(AutoModelForCausalLM, model_path)
+    run.prepare(LossModule(partial(micro_loss, config=config, pad_id=pad_id, device=run.device), model=model),
+                config.total_steps(len(train)))
+    run.metrics.update(train_pairs=len(train), eval_pairs=len(evals))
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    model.train()
-    distributed.broadcast_parameters(model)
-    total_steps = config.total_steps(len(train))
-    optimizer, scheduler = config.optimizer(model, total_steps)
-    log = config.metrics_log()
-    metrics: dict = {"train_pairs": len(train), "eval_pairs": len(evals)}
+    def evaluate_now():
+        with run.autocast():
+            result = evaluate(model, evals, config, pad_id, run.device)
+        run.metrics.update(result)
+        return result
 
-    step, start = 0, time.time()
-    bar = tqdm(total=total_steps, desc="dpo", disable=not config.progress or not distributed.is_main())
-    while step < total_steps:
-        for chunk in batched(train, config.batch_size, rng):
-            optimizer.zero_grad(set_to_none=True)
-            loss, chosen, rejected = 0.0, [], []
-            for micro in batched(distributed.shard(chunk), config.micro_batch_size or len(chunk)):
-                part, chosen_r, rejected_r = pair_loss(model, micro, config, pad_id, device)
-                (part * len(micro) / len(chunk)).backward()
-                loss = loss + part.detach() * len(micro) / len(chunk)
-                chosen.append(chosen_r)
-                rejected.append(rejected_r)
-            distributed.sum_gradients(model.parameters())
-            [loss] = distributed.all_sum([loss])  # each rank's part is its share of the batch's mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            row = {}
-            if step % config.log_every == 0 or step == total_steps:
-                chosen_r, rejected_r = torch.cat(distributed.gather(chosen)), torch.cat(distributed.gather(rejected))
-                row = {"loss": loss, "reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
-                       "reward_margin": (chosen_r - rejected_r).mean().item(), "reward_chosen": chosen_r.mean().item(),
-                       "reward_rejected": rejected_r.mean().item(), "grad_norm": grad_norm.item(),
-                       "lr": scheduler.get_last_lr()[0]}
-                metrics.update(train_loss=row["loss"], train_reward_accuracy=row["reward_accuracy"])
-            if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                row.update(evaluate(model, evals, config, pad_id, device))
-                metrics.update({k: row[k] for k in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin")})
-            if row:
-                log.log(step, **row)
-            if step >= total_steps:
-                break
-    bar.close()
-    metrics.update(steps=step, seconds=round(time.time() - start, 2))
-    plot = log.close()
-    if distributed.is_main():
-        publish_checkpoint(model, tokenizer, config.output_dir, stage="dpo", parent=config.model,
-                           data_fingerprint=fingerprint_files([config.train_file]), metrics=metrics,
-                           overwrite=config.overwrite,
-                           extra={"reference": str(ref_path), "config": asdict(config), "metrics_file": str(log.path),
-                                  "plot": str(plot)})
-    distributed.barrier()  # the other ranks return once the checkpoint is there
-    return metrics
+    seconds = run.timed()
+    run.fit(train, train_stats=lambda batch, stats: train_stats(batch, stats, run.metrics),
+            evaluate=evaluate_now if evals else None)
+    run.metrics.update(steps=run.step, seconds=seconds())
+    run.publish(model, tokenizer, data_files=[config.train_file], extra={"reference": str(ref_path)})
+    return run.metrics

@@ -20,7 +20,7 @@ from rlhfkit.hf import resolve_model
 
 from .common import batched, pick_device
 from .data import read_jsonl, write_jsonl
-from .ppo import decode_responses, generate, response_logprobs, response_mask_of
+from .sequences import decode_responses, generate, pad_id_of, response_logprobs, response_mask_of
 
 
 def load_policy(policy_dir: str | Path, device="cpu"):
@@ -38,7 +38,7 @@ def sample_batches(policy, tokenizer, prompts: list[str], temperature: float, ge
     one response per prompt (repeat a prompt for more), sampled the way PPO's rollouts are
     (greedy at temperature 0)."""
     end_ids = end_token_ids(tokenizer, policy.generation_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     for chunk in batched(prompts, batch_size):
         ids, mask, responses = generate(policy, [prompt_ids(tokenizer, p) for p in chunk], max_new_tokens, temperature,
                                         end_ids, pad_id, generator, device)

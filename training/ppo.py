@@ -23,8 +23,9 @@ across ranks (distributed.py).
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+import contextlib
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -32,21 +33,28 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.chat import end_token_ids, prompt_ids
-from rlhfkit.hf import cache_kwargs, output_cache, resolve_model
+from rlhfkit.hf import resolve_model
+from rlhfkit.kernels import kl_from_logprobs
 
 from . import distributed, task
-from .checkpoint import publish_checkpoint, read_info
-from .common import MetricsLog, batched, default_log_dir, pick_device, seed_everything, warmup_cosine
-from .data import fingerprint_files, read_jsonl
+from .checkpoint import read_info
+from .common import TrainConfig, batched
+from .data import read_jsonl
 from .losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from .ops import fused_linear_logprobs, kl_from_logprobs, sample_tokens
-from .rm import score_pairs
-from .sft import IGNORE, collate, sft_loss, tokenize_sft, trained_tokens
+from .sequences import (collate, decode_responses, end_id_tensor, generate, pad_id_of, response_logprobs,
+                        response_mask_of, response_values, score_pairs, sft_loss, tokenize_sft, trained_tokens)
+from .skeleton import Batches, LossModule, Run
 
 
-@dataclass
-class PPOConfig:
-    """Optimise a policy against a reward model with PPO, a KL penalty to the reference and optional PPO-ptx."""
+@dataclass(kw_only=True)
+class PPOConfig(TrainConfig):
+    """Optimise a policy against a reward model with PPO, a KL penalty to the reference and optional PPO-ptx.
+
+    A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates):
+    the schedule, log_every, eval_every and save_every count iterations; micro_batch_size
+    splits each minibatch's forward/backward. With LoRA, the reference is the policy's
+    base weights (its adapter disabled) and the reward model is the value model's (the
+    value model is the reward model with an adapter), so no frozen copy is loaded twice."""
 
     model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
     reward_model: str = field(metadata={"help": "reward model checkpoint (also the value model's starting point)"})
@@ -74,18 +82,23 @@ class PPOConfig:
     clip_range_value: float = field(default=0.2, metadata={"help": "value clip"})
     vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW), policy and value"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    adam_eps: float = field(default=1e-5, metadata={"help": "AdamW's epsilon"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of iterations of linear warmup"})
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to this fraction of the peak LR (1: constant)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: at the start and the end)"})
-    log_dir: str | None = field(default=None, metadata={"help": "metrics.jsonl and curves.png (default: runs/ beside the output)"})
+    log_every: int = field(default=1, metadata={"help": "log every N iterations"})
+    eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: only at the end); with --eval-prompts-file also before the first"})
     seed: int = field(default=0, metadata={"help": "random seed (prompt order, sampling)"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-    revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of --model when it is a Hugging Face Hub id (read through the Hub cache; HF_HUB_OFFLINE=1 is honoured)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "rollouts per forward/backward in each process, gradients accumulated up to --minibatch-size (0: the whole minibatch at once)"})
+    # TrainConfig's batching does not apply: PPO's batches are rollout_batch_size prompts
+    # and minibatch_size rollouts, its length limits max_prompt_length + max_new_tokens.
+    max_length: int = field(default=256, init=False, metadata={"cli": False})
+    batch_size: int = field(default=16, init=False, metadata={"cli": False})
+    num_epochs: float = field(default=1.0, init=False, metadata={"cli": False})
+    max_steps: int = field(default=0, init=False, metadata={"cli": False})
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
                      "max_prompt_length"):
             if getattr(self, name) < 1:
@@ -97,83 +110,11 @@ class PPOConfig:
         if not 0 < self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError("gamma and lam must be in (0, 1]")
 
-
-# ---------------------------------------------------------------- rollouts
-
-def end_id_tensor(eos_id, device) -> torch.Tensor:
-    """One end id, or the set of them (rlhfkit.chat.end_token_ids), as a 1-d tensor."""
-    return torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id)), device=device)
+    def total_steps(self, n_examples: int = 0) -> int:
+        return self.num_iterations
 
 
-@torch.no_grad()
-def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id, pad_id: int,
-             generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses with a KV cache. Prompts are left-padded (positions counted from
-    each prompt's first real token). `eos_id`: the id, or the set of ids, that ends a
-    response (the server's rule: rlhfkit.chat.end_token_ids). Returns (prompt_ids [B, P]
-    left-padded, prompt_mask, response_ids [B, R] with pad after the end id)."""
-    B = len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
-    prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache, logits = output_cache(out), out.logits[:, -1].float()
-    next_position = positions[:, -1] + 1
-    temperatures = torch.full((B,), temperature, device=device)
-    top_k, top_p = torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, device=device)
-    attention, tokens, done = prompt_mask, [], torch.zeros(B, dtype=torch.bool, device=device)
-    ends = end_id_tensor(eos_id, device)
-    for _ in range(max_new_tokens):
-        token = sample_tokens(logits, temperatures, top_k, top_p, default_generator=generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        done = done | torch.isin(token, ends)
-        if bool(done.all()):
-            break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
-        out = policy(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                     **cache_kwargs(policy, cache), use_cache=True)
-        cache, logits, next_position = output_cache(out), out.logits[:, -1].float(), next_position + 1
-    return prompts, prompt_mask, torch.stack(tokens, dim=1)
-
-
-def response_mask_of(responses: torch.Tensor, eos_id) -> torch.Tensor:
-    """1 on response tokens up to and including the first end id (all of them if none)."""
-    is_eos = torch.isin(responses, end_id_tensor(eos_id, responses.device)).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    return (~after_eos).long()
-
-
-def response_logprobs(policy, prompts, prompt_mask, responses, response_mask, temperature: float,
-                      return_entropy: bool = False):
-    """log π(response_t | prompt, response_<t) [B, R] (0 off the mask), from one forward pass
-    over prompt + response through the shared kernel; with return_entropy, also the entropy."""
-    input_ids = torch.cat([prompts, responses], dim=1)
-    attention = torch.cat([prompt_mask, response_mask], dim=1)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    hidden = policy.base_model(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
-    P = prompts.shape[1]
-    labels = torch.where(response_mask.bool(), responses, torch.full_like(responses, IGNORE))
-    return fused_linear_logprobs(hidden[:, P - 1:-1], policy.get_output_embeddings().weight, labels,
-                                 temperature=temperature, ignore_index=IGNORE, return_entropy=return_entropy)
-
-
-def response_values(value_model, prompts, prompt_mask, responses, response_mask) -> torch.Tensor:
-    """V(state before response_t) [B, R]: the RM-shaped head read at every position."""
-    input_ids = torch.cat([prompts, responses], dim=1)
-    attention = torch.cat([prompt_mask, response_mask], dim=1)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
-    P = prompts.shape[1]
-    return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float() * response_mask
-
-
-def decode_responses(tokenizer, responses, response_mask) -> list[str]:
-    """The responses' text as the server returns it: special tokens (the end id) skipped."""
-    return [tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True)
-            for row, mask in zip(responses.tolist(), response_mask.tolist())]
-
+# ---------------------------------------------------------------- rewards
 
 def shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, estimator: str):
     """-kl_coef * KL_t on every response token, plus the score on the last one.
@@ -200,37 +141,53 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
 
 # ---------------------------------------------------------------- training
 
-def _load(config: PPOConfig, device):
-    """Each model reference a local directory or a Hub id (rlhfkit.hf.resolve_model)."""
+@contextlib.contextmanager
+def frozen(model, adapted):
+    """`model`, or when it is None (LoRA), `adapted` with its adapter disabled: the base weights."""
+    if model is not None:
+        yield model
+    else:
+        with adapted.disable_adapter():
+            yield adapted
+
+
+def _load(run: Run, config: PPOConfig):
+    """Each model reference a local directory or a Hub id (rlhfkit.hf.resolve_model). With
+    LoRA and no separate --ref-model, ref and reward_model are None: the adapters' base."""
     model = resolve_model(config.model, config.revision)
-    ref_path = resolve_model(config.ref_model) if config.ref_model else model
     rm_path = resolve_model(config.reward_model)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(device).eval()
+    policy = run.load(AutoModelForCausalLM, model)
+    ref = None
+    if config.ref_model or not config.lora_r:
+        ref = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model,
+                       trainable=False)
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device).eval()
-    value_model = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=torch.float32).to(device)
-    for model in (ref, reward_model):
-        model.requires_grad_(False)
+    reward_model = None if config.lora_r else run.load(AutoModelForSequenceClassification, rm_path, trainable=False)
+    value_model = run.load(AutoModelForSequenceClassification, rm_path)
     return tokenizer, policy, ref, rm_tokenizer, reward_model, value_model
 
 
 @torch.no_grad()
 def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_model, value_model, config, kl_coef,
                   reward_bias, generator, device) -> dict:
+    """Sample, score and value one rollout batch. `ref` / `reward_model` None: the policy's /
+    value model's base weights (LoRA)."""
     end_ids = end_token_ids(tokenizer, policy.generation_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in prompts_text]
     policy.eval()
+    value_model.eval()
     prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature, end_ids,
                                                pad_id, generator, device)
     mask = response_mask_of(responses, end_ids)
     logprobs = response_logprobs(policy, prompts, prompt_mask, responses, mask, config.temperature)
-    ref_logprobs = response_logprobs(ref, prompts, prompt_mask, responses, mask, config.temperature)
+    with frozen(ref, policy) as reference:
+        ref_logprobs = response_logprobs(reference, prompts, prompt_mask, responses, mask, config.temperature)
     values = response_values(value_model, prompts, prompt_mask, responses, mask)
     texts = decode_responses(tokenizer, responses, mask)
-    scores = score_pairs(reward_model, rm_tokenizer, list(zip(prompts_text, texts)), 1 << 30, device)
+    with frozen(reward_model, value_model) as scorer:
+        scores = score_pairs(scorer, rm_tokenizer, list(zip(prompts_text, texts)), 1 << 30, device)
     scores = scores + reward_bias
     ended = torch.isin(responses, end_id_tensor(end_ids, device)).any(-1)
     scores = scores - config.missing_eos_penalty * (~ended).float()
@@ -238,27 +195,31 @@ def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_mod
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     advantages = whiten_across_ranks(advantages, mask)
     policy.train()
+    value_model.train()
     return {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses, "mask": mask,
             "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl.sum(-1), "ended": ended, "texts": texts}
 
 
 @torch.no_grad()
-def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device) -> dict:
+def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
+             value_model=None) -> dict:
     """Mean RM score of sampled responses to held-out prompts (seeded: comparable across
-    evals), and the bundled task's gold utility when the prompts are the task's."""
+    evals), and the bundled task's gold utility when the prompts are the task's.
+    `reward_model` None: value_model's base weights (LoRA)."""
     generator = torch.Generator(device=device).manual_seed(config.seed + 12345 + distributed.rank())
     scores, utilities = [], []
     end_ids = end_token_ids(tokenizer, policy.generation_config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     policy.eval()
     for chunk in batched(distributed.shard(prompts_text), config.rollout_batch_size):
         ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
         prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature,
                                                    end_ids, pad_id, generator, device)
         texts = decode_responses(tokenizer, responses, response_mask_of(responses, end_ids))
-        scores += (score_pairs(reward_model, rm_tokenizer, list(zip(chunk, texts)), 1 << 30, device)
-                   + reward_bias).tolist()
+        with frozen(reward_model, value_model) as scorer:
+            scores += (score_pairs(scorer, rm_tokenizer, list(zip(chunk, texts)), 1 << 30, device)
+                       + reward_bias).tolist()
         for p, t in zip(chunk, texts):
             try:
                 utilities.append(task.utility(p, t))
@@ -273,16 +234,40 @@ def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config
     return result
 
 
+def micro_loss(rows, context, *, policy, value, config: PPOConfig, pad_id: int, device):
+    """Clipped policy and value losses of rollout rows `rows`, weighted by their share of the
+    minibatch's tokens over every rank; the first micro-batch also carries the minibatch's
+    PPO-ptx term. Statistics are weighted the same way, so they add up to the minibatch's."""
+    batch = context["batch"]
+    idx = torch.tensor(rows, device=device)
+    mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
+    share = float(mb["mask"].sum()) / context["tokens"]
+    logprobs, entropy = response_logprobs(policy, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"],
+                                          config.temperature, return_entropy=True)
+    values = response_values(value, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"])
+    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
+                                                   config.clip_range)
+    vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], config.clip_range_value)
+    loss = (pg_loss + config.vf_coef * vf_loss) * share
+    stats = {name: value.detach().float() * share for name, value in (
+        ("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
+        ("vf_clipfrac", vf_clipfrac), ("entropy", masked_mean(entropy.detach(), mb["mask"])))}
+    if context["ptx"] is not None and rows[0] == context["first_row"]:
+        mine, total = context["ptx"]
+        ptx_loss, _ = sft_loss(policy, {k: v.to(device) for k, v in mine.items()}, total)
+        loss = loss + config.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.detach()
+    return loss, stats
+
+
 def train_ppo(config: PPOConfig) -> dict:
     """Train, publish the policy, return the final metrics."""
-    rng = seed_everything(config.seed)
-    device = distributed.init(pick_device(config.device))
-    world = distributed.world_size()
+    run = Run(config, "ppo")
+    device, world = run.device, distributed.world_size()
     generator = torch.Generator(device=device).manual_seed(config.seed + distributed.rank())
-    tokenizer, policy, ref, rm_tokenizer, reward_model, value_model = _load(config, device)
-    distributed.broadcast_parameters(policy, value_model)
+    tokenizer, policy, ref, rm_tokenizer, reward_model, value_model = _load(run, config)
     reward_bias = float(read_info(resolve_model(config.reward_model)).get("reward_bias", 0.0))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
 
     prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]
     eval_prompts = [r["prompt"] for r in read_jsonl(config.eval_prompts_file, "prompts")] if config.eval_prompts_file else []
@@ -291,92 +276,79 @@ def train_ppo(config: PPOConfig) -> dict:
     if config.rollout_batch_size % world or config.minibatch_size % world or len(prompts) < world or 0 < len(ptx) < world:
         raise ValueError(f"with {world} processes, rollout_batch_size and minibatch_size must be multiples of {world}, "
                          f"and the prompts (and ptx demonstrations) at least {world}")
-    params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-5)
-    warmup = int(round(config.warmup_ratio * config.num_iterations))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: warmup_cosine(it, config.num_iterations, warmup, config.min_lr_ratio))
-    log = MetricsLog(config.log_dir or default_log_dir(config.output_dir))
-    metrics: dict = {"prompts": len(prompts)}
-    kl_coef = config.kl_coef
+    run.prepare(LossModule(partial(micro_loss, config=config, pad_id=pad_id, device=device), policy=policy,
+                           value=value_model), config.num_iterations)
+    generator = run.restore_generator("sampling", generator)
+    run.metrics.setdefault("prompts", len(prompts))
+    kl_coef = run.resumed_state("kl_coef", config.kl_coef)
 
-    if eval_prompts:
-        first = evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device)
-        log.log(0, **first)
-        metrics.update({k + "_start": v for k, v in first.items()})
+    def evaluate_now():
+        with run.autocast():
+            return evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
+                            value_model)
 
-    def prompt_stream():
+    if eval_prompts and run.step == 0:
+        first = evaluate_now()
+        run.log.log(0, **first)
+        run.metrics.update({k + "_start": v for k, v in first.items()})
+
+    stream = Batches(prompts, config.rollout_batch_size, run.rng)
+    if run.resumed_state("stream"):
+        stream.load_state_dict(run.resumed_state("stream"))
+
+    def next_prompts() -> list:
         while True:
-            order = list(prompts)
-            rng.shuffle(order)
-            for chunk in batched(order, config.rollout_batch_size):
-                chunk = chunk[:len(chunk) - len(chunk) % world]  # as many prompts for every rank
-                if chunk:
-                    yield distributed.shard(chunk)
+            chunk = next(stream)
+            chunk = chunk[:len(chunk) - len(chunk) % world]  # as many prompts for every rank
+            if chunk:
+                return distributed.shard(chunk)
 
-    stream, start = prompt_stream(), time.time()
-    bar = tqdm(total=config.num_iterations, desc="ppo", disable=not config.progress or not distributed.is_main())
-    for iteration in range(1, config.num_iterations + 1):
-        batch = rollout_batch(next(stream), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model, config,
-                              kl_coef, reward_bias, generator, device)
+    seconds = run.timed()
+    bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
+               disable=not config.progress or not distributed.is_main())
+    while run.step < config.num_iterations:
+        with run.autocast():
+            batch = rollout_batch(next_prompts(), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model,
+                                  config, kl_coef, reward_bias, generator, device)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
-            for rows in batched(list(range(len(batch["scores"]))), config.minibatch_size // world, rng):
-                idx = torch.tensor(rows, device=device)
-                mb = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v)}
+            for rows in batched(list(range(len(batch["scores"]))), config.minibatch_size // world, run.rng):
                 # The losses are means over the minibatch's tokens: each rank takes its share of them.
-                share = float(mb["mask"].sum()) / distributed.all_sum([mb["mask"].sum()])[0]
-                logprobs, entropy = response_logprobs(policy, mb["prompts"], mb["prompt_mask"], mb["responses"],
-                                                      mb["mask"], config.temperature, return_entropy=True)
-                values = response_values(value_model, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"])
-                pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
-                                                               config.clip_range)
-                vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"],
-                                                      config.clip_range_value)
-                loss = (pg_loss + config.vf_coef * vf_loss) * share
+                tokens = distributed.all_sum([batch["mask"][rows].sum()])[0]
+                ptx_batch = None
                 if ptx and config.ptx_coef > 0:
-                    demos = rng.sample(ptx, min(len(ptx), config.minibatch_size))
-                    mine = collate(distributed.shard(demos), pad_id)
-                    ptx_loss, _ = sft_loss(policy, {k: v.to(device) for k, v in mine.items()}, trained_tokens(demos))
-                    loss = loss + config.ptx_coef * ptx_loss
-                    stats.setdefault("ptx_loss", []).append(ptx_loss.item())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.sum_gradients(params)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-                optimizer.step()
-                for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
-                                    ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac),
-                                    ("entropy", masked_mean(entropy.detach(), mb["mask"]))):
-                    stats.setdefault(name, []).append(value.item() * share)
+                    demos = run.rng.sample(ptx, min(len(ptx), config.minibatch_size))
+                    ptx_batch = (collate(distributed.shard(demos), pad_id), trained_tokens(demos))
+                context = {"batch": batch, "tokens": tokens, "ptx": ptx_batch, "first_row": rows[0]}
+                _, parts = run.accumulate(rows, context, shard=False)
+                run.optimizer_step()
+                for name in parts[0]:
+                    stats.setdefault(name, []).append(sum(float(p[name]) for p in parts if name in p))
         stats = {k: distributed.all_sum(v) for k, v in stats.items()}  # the ranks' shares add up to the means
-        scheduler.step()
+        run.end_step()
+        iteration = run.step
         mean_kl = distributed.mean(batch["kl"])
         if config.kl_target > 0:  # Ziegler et al.'s proportional controller on the sequence KL
             error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
             kl_coef *= 1 + error * len(batch["scores"]) * world / config.kl_horizon
         row = {"score": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "response_length": distributed.mean(batch["mask"].sum(-1)),
-               "eos_fraction": distributed.mean(batch["ended"]), "lr": scheduler.get_last_lr()[0],
+               "eos_fraction": distributed.mean(batch["ended"]), "lr": run.scheduler.get_last_lr()[0],
                **{k: sum(v) / len(v) for k, v in stats.items()}}
         if eval_prompts and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
-            row.update(evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device))
+            row.update(evaluate_now())
         if eval_prompts and iteration == config.num_iterations:
-            last = evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device)
+            last = evaluate_now()
             row.update(last)
-            metrics.update(last)
-        log.log(iteration, **row)
-        metrics.update(score=row["score"], kl=row["kl"], kl_coef=kl_coef)
+            run.metrics.update(last)
+        if iteration % config.log_every == 0 or iteration == config.num_iterations:
+            run.log.log(iteration, **row)
+        run.metrics.update(score=row["score"], kl=row["kl"], kl_coef=kl_coef)
+        run.maybe_save(stream=stream.state_dict(), kl_coef=kl_coef, generators={"sampling": generator})
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
-    metrics.update(iterations=config.num_iterations, seconds=round(time.time() - start, 2))
-    plot = log.close()
-    if distributed.is_main():
-        publish_checkpoint(policy, tokenizer, config.output_dir, stage="ppo", parent=config.model,
-                           data_fingerprint=fingerprint_files([config.prompts_file] + ([config.ptx_file] if config.ptx_file else [])),
-                           metrics=metrics, overwrite=config.overwrite,
-                           extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model),
-                                  "config": asdict(config), "metrics_file": str(log.path), "plot": str(plot)})
-    distributed.barrier()  # the other ranks return once the checkpoint is there
-    return metrics
+    run.metrics.update(iterations=config.num_iterations, seconds=seconds())
+    run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
+                extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model)})
+    return run.metrics

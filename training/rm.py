@@ -15,23 +15,21 @@ which keeps PPO's reward on a known scale.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.hf import resolve_model
 
 from . import distributed
-from .checkpoint import publish_checkpoint
-from rlhfkit.chat import reward_ids
-
-from .common import TrainConfig, batched, pad_right, pick_device, seed_everything
-from .data import fingerprint_files, read_jsonl, sft_pair
+from .common import TrainConfig, batched
+from .data import read_jsonl, sft_pair
 from .losses import masked_mean, pairwise_rm_loss, ranking_rm_loss
+from .sequences import score_pairs
+from .skeleton import LossModule, Run
 
 
 @dataclass(kw_only=True)
@@ -62,16 +60,6 @@ def read_rankings(path: str, data_format: str) -> list[dict]:
         return [{"prompt": r["prompt"], "responses": r["responses"], "margin": None} for r in records]
     return [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "margin": r.get("margin")}
             for r in records]
-
-
-def score_pairs(model, tokenizer, pairs: list[tuple], max_length: int, device) -> torch.Tensor:
-    """Rewards [N] of (prompt, response) pairs, rendered by rlhfkit.chat.reward_ids as the
-    server's Reward.Score renders them; right-padded so the model reads the last
-    non-padding token, truncated keeping the end (where the reward is read)."""
-    ids = [reward_ids(tokenizer, p, r)[-max_length:] for p, r in pairs]
-    input_ids = pad_right(ids, tokenizer.pad_token_id).to(device)
-    attention_mask = pad_right([[1] * len(x) for x in ids], 0).to(device)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 
 def group_rewards(model, tokenizer, groups: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,83 +123,62 @@ def mean_reward(model, tokenizer, records: list[dict], config: RMConfig, device)
     return total / len(pairs)
 
 
+def micro_loss(micro, batch, *, model, tokenizer, config: RMConfig, device):
+    """The micro-batch's share of the batch's mean loss, and its rewards for the log."""
+    rewards, mask = group_rewards(model, tokenizer, micro, config.max_length, device)
+    part = rm_loss(rewards, mask, [g["margin"] for g in micro], config.center_coef) * len(micro) / len(batch)
+    return part, {"rewards": rewards.detach(), "mask": mask}
+
+
+def train_stats(batch, stats: list[dict], metrics: dict) -> dict:
+    """Pairwise accuracy and rewards over every rank's groups of the step's batch."""
+    counted = [pair_accuracy(s["rewards"], s["mask"]) for s in stats]
+    correct, pairs = distributed.all_sum([sum(a * n for a, n in counted), sum(n for _, n in counted)])
+    acc = correct / max(1, pairs)
+    best = torch.cat(distributed.gather([s["rewards"][:, 0] for s in stats]))
+    scored = torch.cat(distributed.gather([s["rewards"][s["mask"]] for s in stats]))
+    metrics["train_accuracy"] = acc
+    return {"accuracy": acc, "reward_best": best.mean().item(), "reward_mean": scored.mean().item()}
+
+
 def train_rm(config: RMConfig) -> dict:
     """Train, publish the reward model, return the final metrics. Under torchrun each rank
     trains on its slice of every batch of `batch_size` groups (see distributed.py)."""
-    rng = seed_everything(config.seed)
-    device = distributed.init(pick_device(config.device))
+    run = Run(config, "rm")
     model_path = resolve_model(config.model, config.revision)  # a directory or a Hub id
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{config.model}: the tokenizer has no pad token; the RM finds the last token by padding")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    model = run.load(AutoModelForSequenceClassification, model_path, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).train()
-    distributed.broadcast_parameters(model)
 
     train = read_rankings(config.train_file, config.data_format)
     evals = read_rankings(config.eval_file, config.data_format) if config.eval_file else []
     if not config.use_margin:
         for g in train:
             g["margin"] = None
-    total_steps = config.total_steps(len(train))
-    optimizer, scheduler = config.optimizer(model, total_steps)
-    log = config.metrics_log()
-    metrics: dict = {"train_groups": len(train), "eval_groups": len(evals)}
+    run.prepare(LossModule(partial(micro_loss, tokenizer=tokenizer, config=config, device=run.device), model=model),
+                config.total_steps(len(train)))
+    run.metrics.update(train_groups=len(train), eval_groups=len(evals))
 
-    step, start = 0, time.time()
-    bar = tqdm(total=total_steps, desc="rm", disable=not config.progress or not distributed.is_main())
-    while step < total_steps:
-        for chunk in batched(train, config.batch_size, rng):
-            optimizer.zero_grad(set_to_none=True)
-            loss, seen = 0.0, []
-            for micro in batched(distributed.shard(chunk), config.micro_batch_size or len(chunk)):
-                rewards, mask = group_rewards(model, tokenizer, micro, config.max_length, device)
-                part = rm_loss(rewards, mask, [g["margin"] for g in micro], config.center_coef) * len(micro) / len(chunk)
-                part.backward()
-                loss = loss + part.detach()
-                seen.append((rewards.detach(), mask))
-            distributed.sum_gradients(model.parameters())
-            [loss] = distributed.all_sum([loss])  # each rank's part is its share of the batch's mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            row = {}
-            if step % config.log_every == 0 or step == total_steps:
-                counted = [pair_accuracy(r, m) for r, m in seen]
-                correct, pairs = distributed.all_sum([sum(a * n for a, n in counted), sum(n for _, n in counted)])
-                acc = correct / max(1, pairs)
-                best = torch.cat(distributed.gather([r[:, 0] for r, _ in seen]))
-                scored = torch.cat(distributed.gather([r[m] for r, m in seen]))
-                row = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm.item(),
-                       "lr": scheduler.get_last_lr()[0], "reward_best": best.mean().item(),
-                       "reward_mean": scored.mean().item()}
-                metrics.update(train_loss=row["loss"], train_accuracy=acc)
-            if evals and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-                row.update(evaluate(model, tokenizer, evals, config, device))
-                metrics.update(eval_accuracy=row["eval_accuracy"], eval_loss=row["eval_loss"])
-            if row:
-                log.log(step, **row)
-            if step >= total_steps:
-                break
-    bar.close()
+    def evaluate_now():
+        with run.autocast():
+            result = evaluate(model, tokenizer, evals, config, run.device)
+        run.metrics.update(result)
+        return result
+
+    seconds = run.timed()
+    run.fit(train, train_stats=lambda batch, stats: train_stats(batch, stats, run.metrics),
+            evaluate=evaluate_now if evals else None)
 
     # Llama's score head has no bias parameter, so the offset travels as metadata:
     # served or PPO rewards are `reward + reward_bias` (0 when no SFT file is given).
     reward_bias = 0.0
     if config.sft_file:
-        reward_bias = -mean_reward(model, tokenizer, read_jsonl(config.sft_file, "sft"), config, device)
+        with run.autocast():
+            reward_bias = -mean_reward(model, tokenizer, read_jsonl(config.sft_file, "sft"), config, run.device)
     model.config.reward_bias = reward_bias
-    metrics.update(steps=step, seconds=round(time.time() - start, 2), reward_bias=reward_bias)
-    plot = log.close()
-    data_files = [config.train_file] + ([config.sft_file] if config.sft_file else [])
-    if distributed.is_main():
-        publish_checkpoint(model, tokenizer, config.output_dir, stage="rm", parent=config.model,
-                           data_fingerprint=fingerprint_files(data_files), metrics=metrics, overwrite=config.overwrite,
-                           extra={"reward_bias": reward_bias, "config": asdict(config), "metrics_file": str(log.path),
-                                  "plot": str(plot)})
-    distributed.barrier()  # the other ranks return once the checkpoint is there
-    return metrics
+    run.metrics.update(steps=run.step, seconds=seconds(), reward_bias=reward_bias)
+    run.publish(model, tokenizer, data_files=[config.train_file] + ([config.sft_file] if config.sft_file else []),
+                extra={"reward_bias": reward_bias})
+    return run.metrics

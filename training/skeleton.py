@@ -1,0 +1,347 @@
+"""The one training skeleton SFT, RM, DPO and PPO's update phase run on.
+
+A trainer builds a `Run` from its config, loads its models through it (dtype, LoRA,
+gradient checkpointing), puts what it trains and its loss into one `LossModule`, and then
+either calls `Run.fit` (SFT, RM, DPO: batches of examples, one optimizer step each) or
+drives `accumulate` / `optimizer_step` / `end_step` itself (PPO: rollouts, then minibatch
+steps). The Run owns everything else: micro-batches and gradient accumulation, DDP or FSDP2
+under torchrun, clipping, the warmup + cosine schedule, the metrics log, saves every N steps
+and resuming from them, and publishing the checkpoint.
+
+Why the loss lives inside a module: DDP and FSDP hook into the wrapped module's forward.
+The trainers read hidden states from the transformer body and apply the LM head or score
+head through the shared kernel, so the whole loss runs in LossModule.forward, where the
+wrappers see every parameter it uses.
+
+Precision (`--dtype bfloat16`): weights that are trained stay float32 and the forward
+passes run under autocast in bfloat16, so the optimizer's state and its updates are float32
+(an lr * update of ~1e-7 of a weight vanishes in bfloat16's 8-bit mantissa); weights that
+are never updated (the reference, the reward model, LoRA's frozen base) are stored in
+bfloat16. `float64` exists for numerics checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import publish_checkpoint
+from .common import MetricsLog, TrainConfig, default_log_dir, pick_device, seed_everything
+from .sequences import hf_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+STATE_FILE = "train_state.pt"
+
+
+class Batches:
+    """Shuffled batches over `items`, epoch after epoch (a short last batch), drawing each
+    epoch's order from `rng` when the epoch starts, as `common.batched` does. Its position
+    is part of a save: a resumed run continues with the same next batch."""
+
+    def __init__(self, items: list, batch_size: int, rng: random.Random):
+        self.items, self.batch_size, self.rng = items, batch_size, rng
+        self.order: list[int] = []
+        self.next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        if self.next >= len(self.order):
+            self.order = list(range(len(self.items)))
+            self.rng.shuffle(self.order)
+            self.next = 0
+        rows = self.order[self.next:self.next + self.batch_size]
+        self.next += self.batch_size
+        return [self.items[i] for i in rows]
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "next": self.next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.next = list(state["order"]), state["next"]
+
+
+class LossModule(torch.nn.Module):
+    """A trainer's trained models and its loss as one module: forward(micro, batch) returns
+    loss_fn(micro, batch, **models): (this micro-batch's loss, already weighted as its share
+    of the whole batch's, and a dict of detached statistics)."""
+
+    def __init__(self, loss_fn, **models: torch.nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.models = torch.nn.ModuleDict(models)
+
+    def forward(self, micro, batch):
+        return self.loss_fn(micro, batch, **self.models)
+
+
+def lora_targets(model) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (not the LM or score head)."""
+    body = hf_model(model).base_model
+    return sorted({name.rsplit(".", 1)[-1] for name, m in body.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+class Run:
+    """One training run: device and process group, seeds, models, optimizer, log, saves."""
+
+    def __init__(self, config: TrainConfig, stage: str):
+        self.config, self.stage = config, stage
+        self.rng = seed_everything(config.seed)
+        self.device = distributed.init(pick_device(config.device))
+        self.dtype = DTYPES[config.dtype]
+        self.step = 0
+        self.metrics: dict = {}
+        self.module = self.wrapped = self.optimizer = self.scheduler = None
+        self.save_dir = Path(config.save_dir or f"{Path(config.output_dir).absolute()}.saves")
+        self.resumed = self._latest_save() if config.resume else None
+        if config.resume and self.resumed is None:
+            raise FileNotFoundError(f"--resume: no save under {self.save_dir}; a run saves there with --save-every N")
+        state = torch.load(self.resumed / STATE_FILE, weights_only=False) if self.resumed else None
+        self._state = state
+        self.log = MetricsLog(state["log_dir"] if state else (config.log_dir or default_log_dir(config.output_dir)),
+                              resume_step=state["step"] if state else None)
+
+    # ------------------------------------------------------------ models
+
+    def load(self, model_cls, path, *, trainable: bool = True, **kwargs):
+        """from_pretrained on this rank's device. A trained model gets the LoRA adapter
+        (--lora-r) and gradient checkpointing; a frozen one is stored in the compute dtype."""
+        config = self.config
+        weights_dtype = self.dtype if not trainable or config.lora_r else torch.float32
+        if self.dtype == torch.float64:
+            weights_dtype = torch.float64
+        model = model_cls.from_pretrained(path, dtype=weights_dtype, **kwargs)
+        if not trainable:
+            return model.to(self.device).eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            # Non-reentrant: works with frozen inputs (LoRA) and under DDP/FSDP. transformers
+            # 5.2x renamed gradient_checkpointing_enable (deprecated) to activation_...
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if config.lora_r:
+            import peft
+
+            seq_cls = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
+            lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                   target_modules=config.lora_target_modules or lora_targets(model),
+                                   task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
+            # Adapters (and the RM's score head, which SEQ_CLS keeps trainable) train in float32.
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated is_gradient_checkpointing: nothing a user can change
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = peft.get_peft_model(model, lora, autocast_adapter_dtype=True)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float() if self.dtype != torch.float64 else p.data
+        return model.to(self.device).train()
+
+    def autocast(self):
+        """The forward passes' precision: bfloat16 autocast, or the weights' own dtype."""
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, module: LossModule, total_steps: int, optimizer_fn=None) -> None:
+        """Wrap `module` for data parallelism, build its optimizer and schedule, and restore
+        a save when resuming."""
+        self.module, self.total_steps = module, total_steps
+        if distributed.world_size() > 1:
+            self.wrapped = distributed.data_parallel(module, self.device)
+        else:
+            self.wrapped = module
+        self.optimizer, self.scheduler = (optimizer_fn or self.config.optimizer)(module, total_steps)
+        if self._state:
+            self._restore(self._state)
+
+    # ------------------------------------------------------------ one step
+
+    def accumulate(self, batch: list, context=None, *, shard: bool = True,
+                   micro_batch_size: int | None = None) -> tuple[float, list[dict]]:
+        """Forward and backward over this rank's share of `batch` (all of it with
+        shard=False: a batch that is already this rank's), in micro-batches, with the
+        gradients reduced across ranks once, after the last. The module sees
+        (micro-batch, context), the context defaulting to the whole batch. Returns the
+        batch's loss (every rank's shares summed) and this rank's statistics per micro-batch.
+
+        Every rank runs as many micro-batches as rank 0 (a rank with fewer runs one more at
+        zero weight): collectives must match. DDP averages gradients over ranks; the loss
+        is scaled by the world size to make that the sum of the ranks' shares."""
+        mine = distributed.shard(batch) if shard else batch
+        size = micro_batch_size or self.config.micro_batch_size or len(mine) or 1
+        micros = [mine[i:i + size] for i in range(0, len(mine), size)]
+        rounds = -(-len(batch[0::distributed.world_size()]) // size) if shard else len(micros)
+        micros += [None] * (rounds - len(micros))  # ran on batch[:1], at zero weight
+        world, total, stats = distributed.world_size(), 0.0, []
+        for i, micro in enumerate(micros):
+            with self._sync(last=i == len(micros) - 1):
+                with self.autocast():
+                    loss, out = self.wrapped(micro if micro is not None else batch[:1],
+                                             batch if context is None else context)
+                if micro is None:
+                    loss = loss * 0.0
+                else:
+                    stats.append(out)
+                    total += float(loss.detach())
+                (loss * world).backward()
+        [total] = distributed.all_sum([total])
+        return total, stats
+
+    def _sync(self, last: bool):
+        """Reduce gradients only on the last micro-batch."""
+        if self.wrapped is self.module:
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.wrapped.no_sync()
+
+    def optimizer_step(self) -> float:
+        """Clip, step, zero the gradients; the gradient norm before clipping."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def end_step(self) -> None:
+        """One step done: the schedule moves on."""
+        self.scheduler.step()
+        self.step += 1
+
+    def maybe_save(self, **save_state) -> None:
+        """Every save_every steps (after the step's log row), save the run; `save_state`:
+        what the trainer needs besides the Run's own state to continue exactly."""
+        if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.total_steps:
+            self.save(**save_state)
+
+    # ------------------------------------------------------------ the loop of SFT, RM and DPO
+
+    def fit(self, train: list, *, train_stats, evaluate=None, on_batch=None) -> None:
+        """config.total_steps batches of `train`, one optimizer step each (on_batch(batch)
+        first, if given), logged every log_every steps (loss, grad_norm, lr and
+        train_stats(batch, this rank's micro-batch statistics)) and evaluated every
+        eval_every steps and at the end (evaluate() -> metrics)."""
+        config = self.config
+        batches = Batches(train, config.batch_size, self.rng)
+        if self._state:
+            batches.load_state_dict(self._state["batches"])
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage,
+                   disable=not config.progress or not distributed.is_main())
+        while self.step < self.total_steps:
+            chunk = next(batches)
+            if on_batch:
+                on_batch(chunk)
+            loss, stats = self.accumulate(chunk)
+            grad_norm = self.optimizer_step()
+            self.end_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            row = {}
+            last = self.step == self.total_steps
+            if self.step % config.log_every == 0 or last:
+                row = {"loss": loss, **train_stats(chunk, stats), "grad_norm": grad_norm,
+                       "lr": self.scheduler.get_last_lr()[0]}
+                self.metrics["train_loss"] = loss
+            if evaluate and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                row.update(evaluate())
+            if row:
+                self.log.log(self.step, **row)
+            self.maybe_save(batches=batches.state_dict())
+        bar.close()
+
+    # ------------------------------------------------------------ saves and resume
+
+    def _latest_save(self) -> Path | None:
+        saves = sorted(self.save_dir.glob("step-*[0-9]")) if self.save_dir.is_dir() else []
+        return saves[-1] if saves else None
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters (LoRA: the adapter and the score head), by name."""
+        return {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
+
+    def save(self, **extra) -> Path:
+        """Write the trained weights, optimizer, schedule, step, metrics, the data position
+        (in `extra`) and every rank's RNG states under save_dir/step-N, atomically (a
+        directory appears under its final name only when complete); keep the last two."""
+        final = self.save_dir / f"step-{self.step:06d}"
+        tmp = self.save_dir / f".step-{self.step:06d}.tmp"
+        generators = {k: v.get_state() for k, v in extra.pop("generators", {}).items()}
+        weights = self.trained_state()
+        optimizer = self.optimizer.state_dict()
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"step": self.step, "weights": weights, "optimizer": optimizer,
+                        "scheduler": self.scheduler.state_dict(), "metrics": self.metrics, "log_dir": str(self.log.dir),
+                        **extra}, tmp / STATE_FILE)
+        distributed.barrier()
+        torch.save({"python": self.rng.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "generators": generators}, tmp / f"rng-rank{distributed.rank()}.pt")
+        distributed.barrier()
+        if distributed.is_main():
+            for path in tmp.iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            os.rename(tmp, final)
+            for old in sorted(self.save_dir.glob("step-*[0-9]"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return final
+
+    def _restore(self, state: dict) -> None:
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["weights"].items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.metrics = state["step"], dict(state["metrics"])
+        rng = torch.load(self.resumed / f"rng-rank{distributed.rank()}.pt", weights_only=False)
+        self.rng.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._generator_states = rng["generators"]
+
+    def resumed_state(self, key: str, default=None):
+        """What the trainer passed to end_step under `key`, when resuming (else default)."""
+        return self._state.get(key, default) if self._state else default
+
+    def restore_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
+        if self._state and name in self._generator_states:
+            generator.set_state(self._generator_states[name])
+        return generator
+
+    # ------------------------------------------------------------ the end
+
+    def publish(self, model, tokenizer, *, data_files: list[str], extra: dict | None = None, **kwargs) -> None:
+        """Close the log (drawing its curves), publish the model on rank 0 (a LoRA model
+        merged, its adapter saved beside it), and return on every rank once it is there."""
+        from dataclasses import asdict
+
+        from .data import fingerprint_files
+
+        plot = self.log.close()
+        if distributed.is_main():
+            publish_checkpoint(model, tokenizer, self.config.output_dir, stage=self.stage, parent=self.config.model,
+                               data_fingerprint=fingerprint_files(data_files), metrics=self.metrics,
+                               overwrite=self.config.overwrite,
+                               extra={**(extra or {}), "config": asdict(self.config), "metrics_file": str(self.log.path),
+                                      "plot": str(plot)}, **kwargs)
+        distributed.barrier()  # the other ranks return once the checkpoint is there
+
+    def timed(self):
+        """Seconds since this call, for the final metrics."""
+        start = time.time()
+        return lambda: round(time.time() - start, 2)

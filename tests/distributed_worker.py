@@ -52,7 +52,9 @@ def main(spec_file: str, out_dir: str) -> None:
     for stage, kwargs in spec.items():
         config_cls, train = TRAINERS[stage]
         metrics = train(config_cls(**kwargs))
-        params = [p.detach().clone() for group in RecordingAdamW.last.param_groups for p in group["params"]]
+        # FSDP2's parameters are this rank's shards: gather each whole (every rank, in order)
+        params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for group in RecordingAdamW.last.param_groups for p in group["params"]]
         torch.save({"params": params, "metrics": metrics}, f"{out_dir}/{stage}-rank{rank}.pt")
 
 

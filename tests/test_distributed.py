@@ -1,4 +1,5 @@
-"""Training under torchrun: SFT, RM, DPO and PPO in two real processes (gloo on CPU).
+"""Training under torchrun: SFT, RM, DPO and PPO in two real processes (gloo on CPU), with
+torch's DistributedDataParallel and again with FSDP2 (--fsdp).
 
 One `torchrun --nproc_per_node 2` run trains every stage (tests/distributed_worker.py); SFT,
 RM and DPO then train in this one process with the same global batches (PPO cannot: each
@@ -88,8 +89,26 @@ def runs(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
     return root
 
 
-def dump(root, stage, rank):
-    return torch.load(root / "dumps" / f"{stage}-rank{rank}.pt")
+@pytest.fixture(scope="module")
+def fsdp_runs(runs, tiny_policy_dir, tiny_reward_dir):
+    """Every stage again under torchrun with --fsdp (FSDP2 over gloo on CPU), on the data and
+    global batches of `runs`; SFT saves at step 2 on the way (a collective save)."""
+    configs = stage_configs(runs / "data", runs / "fsdp", tiny_policy_dir, tiny_reward_dir)
+    for config in configs.values():
+        config["fsdp"] = True
+    configs["sft"]["save_every"] = 2
+    (runs / "fsdp-dumps").mkdir()
+    spec = runs / "fsdp-spec.json"
+    spec.write_text(json.dumps(configs))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), str(spec), str(runs / "fsdp-dumps")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return runs
+
+
+def dump(root, stage, rank, dumps="dumps"):
+    return torch.load(root / dumps / f"{stage}-rank{rank}.pt")
 
 
 def rows(log_dir: Path) -> list[dict]:
@@ -161,3 +180,37 @@ def test_ppo_whitens_and_controls_kl_over_all_ranks(runs):
     metrics = read_info(runs / "two" / "ppo")["metrics"]
     assert metrics["kl_coef"] != 0.05  # the controller moved it (identically on both ranks: see above)
     assert "eval_task_utility" in metrics and "ptx_loss" in rows(runs / "two" / "log-ppo")[1]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp_ranks_agree_and_publish_whole_checkpoints(fsdp_runs, stage):
+    rank0, rank1 = dump(fsdp_runs, stage, 0, "fsdp-dumps"), dump(fsdp_runs, stage, 1, "fsdp-dumps")
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b)  # the gathered weights: one model, sharded
+    assert rank0["metrics"].pop("seconds") >= 0 and rank1["metrics"].pop("seconds") >= 0
+    assert rank0["metrics"] == rank1["metrics"]
+    loader = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    loader.from_pretrained(fsdp_runs / "fsdp" / stage)  # the published checkpoint is whole, and loads
+    saved = load_file(fsdp_runs / "fsdp" / stage / "model.safetensors")
+    assert any(torch.equal(p, saved["lm_head.weight" if stage != "rm" else "score.weight"]) for p in rank0["params"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_fsdp_trains_as_one_process_with_the_same_global_batch(fsdp_runs, tiny_policy_dir, stage):
+    assert_same_updates(load_file(fsdp_runs / "fsdp" / stage / "model.safetensors"),
+                        load_file(fsdp_runs / "one" / stage / "model.safetensors"),
+                        load_file(tiny_policy_dir / "model.safetensors"))
+    fsdp, one = rows(fsdp_runs / "fsdp" / f"log-{stage}"), rows(fsdp_runs / "one" / f"log-{stage}")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in one] == [1, 2, 3]
+    for a, b in zip(fsdp, one):
+        for key in b.keys() - {"time"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    if stage == "sft":
+        assert (fsdp_runs / "fsdp" / "sft.saves" / "step-000002" / "train_state.pt").is_file()
+
+
+def test_fsdp_ppo_matches_ddp_ppo(fsdp_runs, tiny_policy_dir):
+    # Both sample the same rollouts on each rank (same seeds): sharding must not change the run.
+    assert_same_updates(load_file(fsdp_runs / "fsdp" / "ppo" / "model.safetensors"),
+                        load_file(fsdp_runs / "two" / "ppo" / "model.safetensors"),
+                        load_file(tiny_policy_dir / "model.safetensors"))

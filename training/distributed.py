@@ -80,6 +80,56 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def fully_shard_module(module: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over `module`: each transformer block of
+    every model inside it its own group (its weights gathered for its forward and backward
+    only), then `module` as the root, which keeps the embeddings, final norms and heads in
+    one group (tied embeddings must share one). Gradients are reduce-scattered, averaged
+    over ranks as DDP's are; each rank keeps its shard of weights and optimizer state."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import PreTrainedModel
+
+    blocks = {name for m in module.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
+    for sub in [m for m in module.modules() if type(m).__name__ in blocks]:
+        fully_shard(sub)
+    fully_shard(module)
+    # FSDP2 makes the first module called its root, lazily. Rollouts call the policy's blocks
+    # before the first training forward: initialise with `module` as the root now.
+    module._get_fsdp_state()._lazy_init()
+    return module
+
+
+def _fsdp_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The unsharded weights of an FSDP2 module on rank 0, on the CPU ({} on the others;
+    every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_fsdp_options(cpu_offload=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer) -> dict:
+    """The optimizer state of an FSDP2 module, unsharded, on rank 0 (every rank calls it).
+    Part of it is the live state (the step counts): save it at once."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_fsdp_options(cpu_offload=True))
+
+
+def load_full_state(module: torch.nn.Module, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Rank 0's full weights and optimizer state into every rank's shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _fsdp_options(broadcast_from_rank0=True)
+    set_model_state_dict(module, weights if is_main() else {}, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state if is_main() else {}, options=options)
+
+
 def all_sum(values: list) -> list[float]:
     """The sum over ranks of each of `values` (numbers or one-element tensors), as floats."""
     values = [float(v) for v in values]

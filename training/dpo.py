@@ -151,7 +151,7 @@ def train_dpo(config: DPOConfig) -> dict:
     else:
         ref_model = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model_path,
                              trainable=False)
-        with run.autocast():
+        with run.gathered(), run.autocast():
             add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, run.device, average)
         del ref_model
         model = run.load(AutoModelForCausalLM, model_path)
@@ -160,7 +160,7 @@ def train_dpo(config: DPOConfig) -> dict:
     run.metrics.update(train_pairs=len(train), eval_pairs=len(evals))
 
     def evaluate_now():
-        with run.autocast():
+        with run.gathered(), run.autocast():
             result = evaluate(model, evals, config, pad_id, run.device)
         run.metrics.update(result)
         return result

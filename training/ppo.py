@@ -283,7 +283,7 @@ def train_ppo(config: PPOConfig) -> dict:
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
 
     def evaluate_now():
-        with run.autocast():
+        with run.gathered(), run.autocast():
             return evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
                             value_model)
 
@@ -307,7 +307,7 @@ def train_ppo(config: PPOConfig) -> dict:
     bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
-        with run.autocast():
+        with run.gathered(), run.autocast():
             batch = rollout_batch(next_prompts(), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model,
                                   config, kl_coef, reward_bias, generator, device)
         stats: dict[str, list[float]] = {}

@@ -162,7 +162,7 @@ def train_rm(config: RMConfig) -> dict:
     run.metrics.update(train_groups=len(train), eval_groups=len(evals))
 
     def evaluate_now():
-        with run.autocast():
+        with run.gathered(), run.autocast():
             result = evaluate(model, tokenizer, evals, config, run.device)
         run.metrics.update(result)
         return result
@@ -175,7 +175,7 @@ def train_rm(config: RMConfig) -> dict:
     # served or PPO rewards are `reward + reward_bias` (0 when no SFT file is given).
     reward_bias = 0.0
     if config.sft_file:
-        with run.autocast():
+        with run.gathered(), run.autocast():
             reward_bias = -mean_reward(model, tokenizer, read_jsonl(config.sft_file, "sft"), config, run.device)
     model.config.reward_bias = reward_bias
     run.metrics.update(steps=run.step, seconds=seconds(), reward_bias=reward_bias)

@@ -77,7 +77,7 @@ def train_sft(config: SFTConfig) -> dict:
         return {"tokens": run.metrics["tokens"]}
 
     def evaluate_now():
-        with run.autocast():
+        with run.gathered(), run.autocast():
             run.metrics["eval_loss"] = evaluate(model, evals, config.batch_size, pad_id, run.device)
         return {"eval_loss": run.metrics["eval_loss"]}
 

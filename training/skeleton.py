@@ -38,6 +38,10 @@ from .checkpoint import publish_checkpoint
 from .common import MetricsLog, TrainConfig, default_log_dir, pick_device, seed_everything
 from .sequences import hf_model
 
+
+def dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 STATE_FILE = "train_state.pt"
 
@@ -104,6 +108,11 @@ class Run:
         self.module = self.wrapped = self.optimizer = self.scheduler = None
         self.save_dir = Path(config.save_dir or f"{Path(config.output_dir).absolute()}.saves")
         self.resumed = self._latest_save() if config.resume else None
+        if config.fsdp and not dist_initialized():
+            raise ValueError("--fsdp shards over the processes of torchrun: run under `torchrun --nproc_per_node N`")
+        if config.fsdp and config.lora_r:
+            raise ValueError("--fsdp with LoRA is not supported: LoRA's trained weights are small, use data parallelism "
+                             "(torchrun without --fsdp)")
         if config.resume and self.resumed is None:
             raise FileNotFoundError(f"--resume: no save under {self.save_dir}; a run saves there with --save-every N")
         state = torch.load(self.resumed / STATE_FILE, weights_only=False) if self.resumed else None
@@ -148,6 +157,27 @@ class Run:
                     p.data = p.data.float() if self.dtype != torch.float64 else p.data
         return model.to(self.device).train()
 
+    @contextlib.contextmanager
+    def gathered(self):
+        """Whole weights on every rank for what runs outside the training forward
+        (evaluation, rollouts, reward bias): under FSDP2 they are gathered once and kept for
+        the block (the ranks may then run different numbers of forwards); else a no-op."""
+        if not self.config.fsdp or self.module is None:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        groups = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        for m in groups:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in groups:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
     def autocast(self):
         """The forward passes' precision: bfloat16 autocast, or the weights' own dtype."""
         if self.dtype == torch.bfloat16:
@@ -158,7 +188,9 @@ class Run:
         """Wrap `module` for data parallelism, build its optimizer and schedule, and restore
         a save when resuming."""
         self.module, self.total_steps = module, total_steps
-        if distributed.world_size() > 1:
+        if self.config.fsdp:
+            self.wrapped = distributed.fully_shard_module(module)
+        elif distributed.world_size() > 1:
             self.wrapped = distributed.data_parallel(module, self.device)
         else:
             self.wrapped = module
@@ -201,6 +233,9 @@ class Run:
 
     def _sync(self, last: bool):
         """Reduce gradients only on the last micro-batch."""
+        if self.config.fsdp:
+            self.wrapped.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if self.wrapped is self.module:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.wrapped.no_sync()
@@ -267,6 +302,8 @@ class Run:
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The trained parameters (LoRA: the adapter and the score head), by name."""
+        if self.config.fsdp:
+            return distributed.full_state_dict(self.module)  # every weight is trained (no LoRA with FSDP)
         return {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
 
     def save(self, **extra) -> Path:
@@ -277,7 +314,8 @@ class Run:
         tmp = self.save_dir / f".step-{self.step:06d}.tmp"
         generators = {k: v.get_state() for k, v in extra.pop("generators", {}).items()}
         weights = self.trained_state()
-        optimizer = self.optimizer.state_dict()
+        optimizer = distributed.full_optimizer_state(self.module, self.optimizer) if self.config.fsdp \
+            else self.optimizer.state_dict()
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -300,11 +338,14 @@ class Run:
         return final
 
     def _restore(self, state: dict) -> None:
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["weights"].items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.fsdp:
+            distributed.load_full_state(self.module, self.optimizer, state["weights"], state["optimizer"])
+        else:
+            params = dict(self.module.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state["weights"].items():
+                    params[name].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.metrics = state["step"], dict(state["metrics"])
         rng = torch.load(self.resumed / f"rng-rank{distributed.rank()}.pt", weights_only=False)
@@ -333,10 +374,15 @@ class Run:
         from .data import fingerprint_files
 
         plot = self.log.close()
+        state = None
+        if self.config.fsdp:  # the model's weights are shards: publish the gathered ones
+            [prefix] = [f"models.{name}." for name, m in self.module.models.items() if m is model]
+            state = {k[len(prefix):]: v for k, v in distributed.full_state_dict(self.module).items()
+                     if k.startswith(prefix)}
         if distributed.is_main():
             publish_checkpoint(model, tokenizer, self.config.output_dir, stage=self.stage, parent=self.config.model,
                                data_fingerprint=fingerprint_files(data_files), metrics=self.metrics,
-                               overwrite=self.config.overwrite,
+                               overwrite=self.config.overwrite, state_dict=state,
                                extra={**(extra or {}), "config": asdict(self.config), "metrics_file": str(self.log.path),
                                       "plot": str(plot)}, **kwargs)
         distributed.barrier()  # the other ranks return once the checkpoint is there

@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py SPEC.json OUT_DIR
 
-SPEC.json maps a stage (sft, rm, dpo, ppo) to its config's keyword arguments. The real
+SPEC.json maps a stage (sft, rm, dpo, ppo, or one of them with a suffix: ppo-lora) to its
+config's keyword arguments. The real
 trainers run one after the other; after each, this rank saves every parameter its optimizer
 trained (PPO: policy and value model) and the metrics it returned to
 OUT_DIR/STAGE-rankR.pt, for the test to compare across ranks and with a one-process run.
@@ -50,7 +51,7 @@ def main(spec_file: str, out_dir: str) -> None:
     with open(spec_file) as f:
         spec = json.load(f)
     for stage, kwargs in spec.items():
-        config_cls, train = TRAINERS[stage]
+        config_cls, train = TRAINERS[stage.split("-")[0]]  # e.g. "ppo-lora": PPO with other options
         metrics = train(config_cls(**kwargs))
         # FSDP2's parameters are this rank's shards: gather each whole (every rank, in order)
         params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()

@@ -97,6 +97,9 @@ def fsdp_runs(runs, tiny_policy_dir, tiny_reward_dir):
     for config in configs.values():
         config["fsdp"] = True
     configs["sft"]["save_every"] = 2
+    # and PPO with LoRA under DDP: only the adapters (and the value head) are reduced
+    configs["ppo-lora"] = {**stage_configs(runs / "data", runs / "lora", tiny_policy_dir, tiny_reward_dir)["ppo"],
+                           "lora_r": 4, "lora_alpha": 8.0}
     (runs / "fsdp-dumps").mkdir()
     spec = runs / "fsdp-spec.json"
     spec.write_text(json.dumps(configs))
@@ -214,3 +217,16 @@ def test_fsdp_ppo_matches_ddp_ppo(fsdp_runs, tiny_policy_dir):
     assert_same_updates(load_file(fsdp_runs / "fsdp" / "ppo" / "model.safetensors"),
                         load_file(fsdp_runs / "two" / "ppo" / "model.safetensors"),
                         load_file(tiny_policy_dir / "model.safetensors"))
+
+
+def test_lora_ppo_under_ddp_keeps_the_ranks_identical(fsdp_runs, tiny_policy_dir):
+    rank0, rank1 = dump(fsdp_runs, "ppo-lora", 0, "fsdp-dumps"), dump(fsdp_runs, "ppo-lora", 1, "fsdp-dumps")
+    n_full = len(dump(fsdp_runs, "ppo", 0, "fsdp-dumps")["params"])
+    assert 0 < len(rank0["params"]) == len(rank1["params"]) and len(rank0["params"]) != n_full  # the adapters only
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b)
+    assert rank0["metrics"].pop("seconds") >= 0 and rank1["metrics"].pop("seconds") >= 0
+    assert rank0["metrics"] == rank1["metrics"]
+    assert (fsdp_runs / "lora" / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
+    merged, base = load_file(fsdp_runs / "lora" / "ppo" / "model.safetensors"), load_file(tiny_policy_dir / "model.safetensors")
+    assert any((merged[k] - base[k]).abs().max() > 0 for k in base)  # the merged adapters moved the policy

@@ -151,7 +151,7 @@ def train_dpo(config: DPOConfig) -> dict:
     else:
         ref_model = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model_path,
                              trainable=False)
-        with run.gathered(), run.autocast():
+        with run.inference():
             add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, run.device, average)
         del ref_model
         model = run.load(AutoModelForCausalLM, model_path)
@@ -159,15 +159,7 @@ def train_dpo(config: DPOConfig) -> dict:
                 config.total_steps(len(train)))
     run.metrics.update(train_pairs=len(train), eval_pairs=len(evals))
 
-    def evaluate_now():
-        with run.gathered(), run.autocast():
-            result = evaluate(model, evals, config, pad_id, run.device)
-        run.metrics.update(result)
-        return result
-
-    seconds = run.timed()
-    run.fit(train, train_stats=lambda batch, stats: train_stats(batch, stats, run.metrics),
-            evaluate=evaluate_now if evals else None)
-    run.metrics.update(steps=run.step, seconds=seconds())
+    run.fit(train, train_stats=train_stats,
+            evaluate=(lambda: evaluate(model, evals, config, pad_id, run.device)) if evals else None)
     run.publish(model, tokenizer, data_files=[config.train_file], extra={"reference": str(ref_path)})
     return run.metrics

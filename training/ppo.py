@@ -24,6 +24,7 @@ across ranks (distributed.py).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -283,7 +284,7 @@ def train_ppo(config: PPOConfig) -> dict:
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
 
     def evaluate_now():
-        with run.gathered(), run.autocast():
+        with run.inference():
             return evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
                             value_model)
 
@@ -303,11 +304,11 @@ def train_ppo(config: PPOConfig) -> dict:
             if chunk:
                 return distributed.shard(chunk)
 
-    seconds = run.timed()
+    start = time.time()
     bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
-        with run.gathered(), run.autocast():
+        with run.inference():
             batch = rollout_batch(next_prompts(), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model,
                                   config, kl_coef, reward_bias, generator, device)
         stats: dict[str, list[float]] = {}
@@ -348,7 +349,7 @@ def train_ppo(config: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
-    run.metrics.update(iterations=config.num_iterations, seconds=seconds())
+    run.metrics.update(iterations=config.num_iterations, seconds=round(time.time() - start, 2))
     run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
                 extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model)})
     return run.metrics

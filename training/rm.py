@@ -161,24 +161,17 @@ def train_rm(config: RMConfig) -> dict:
                 config.total_steps(len(train)))
     run.metrics.update(train_groups=len(train), eval_groups=len(evals))
 
-    def evaluate_now():
-        with run.gathered(), run.autocast():
-            result = evaluate(model, tokenizer, evals, config, run.device)
-        run.metrics.update(result)
-        return result
-
-    seconds = run.timed()
-    run.fit(train, train_stats=lambda batch, stats: train_stats(batch, stats, run.metrics),
-            evaluate=evaluate_now if evals else None)
+    run.fit(train, train_stats=train_stats,
+            evaluate=(lambda: evaluate(model, tokenizer, evals, config, run.device)) if evals else None)
 
     # Llama's score head has no bias parameter, so the offset travels as metadata:
     # served or PPO rewards are `reward + reward_bias` (0 when no SFT file is given).
     reward_bias = 0.0
     if config.sft_file:
-        with run.gathered(), run.autocast():
+        with run.inference():
             reward_bias = -mean_reward(model, tokenizer, read_jsonl(config.sft_file, "sft"), config, run.device)
     model.config.reward_bias = reward_bias
-    run.metrics.update(steps=run.step, seconds=seconds(), reward_bias=reward_bias)
+    run.metrics.update(reward_bias=reward_bias)
     run.publish(model, tokenizer, data_files=[config.train_file] + ([config.sft_file] if config.sft_file else []),
                 extra={"reward_bias": reward_bias})
     return run.metrics

@@ -73,17 +73,8 @@ def train_sft(config: SFTConfig) -> dict:
     run.metrics.update(train_examples=len(train), eval_examples=len(evals))
     run.metrics.setdefault("tokens", 0)
 
-    def train_stats(chunk, stats):
-        return {"tokens": run.metrics["tokens"]}
-
-    def evaluate_now():
-        with run.gathered(), run.autocast():
-            run.metrics["eval_loss"] = evaluate(model, evals, config.batch_size, pad_id, run.device)
-        return {"eval_loss": run.metrics["eval_loss"]}
-
-    seconds = run.timed()
-    run.fit(train, train_stats=train_stats, evaluate=evaluate_now if evals else None,
+    run.fit(train, train_stats=lambda chunk, stats, metrics: {"tokens": metrics["tokens"]},
+            evaluate=(lambda: {"eval_loss": evaluate(model, evals, config.batch_size, pad_id, run.device)}) if evals else None,
             on_batch=lambda chunk: run.metrics.update(tokens=run.metrics["tokens"] + trained_tokens(chunk)))
-    run.metrics.update(steps=run.step, seconds=seconds())
     run.publish(model, tokenizer, data_files=[config.train_file])
     return run.metrics

@@ -178,6 +178,12 @@ class Run:
                 m.reshard()
                 m.set_reshard_after_forward(True, recurse=False)
 
+    @contextlib.contextmanager
+    def inference(self):
+        """Gathered weights (FSDP) and the compute precision, for evaluation and rollouts."""
+        with self.gathered(), self.autocast():
+            yield
+
     def autocast(self):
         """The forward passes' precision: bfloat16 autocast, or the weights' own dtype."""
         if self.dtype == torch.bfloat16:
@@ -264,9 +270,10 @@ class Run:
     def fit(self, train: list, *, train_stats, evaluate=None, on_batch=None) -> None:
         """config.total_steps batches of `train`, one optimizer step each (on_batch(batch)
         first, if given), logged every log_every steps (loss, grad_norm, lr and
-        train_stats(batch, this rank's micro-batch statistics)) and evaluated every
-        eval_every steps and at the end (evaluate() -> metrics)."""
-        config = self.config
+        train_stats(batch, this rank's micro-batch statistics, self.metrics)) and evaluated
+        every eval_every steps and at the end (evaluate() -> metrics, kept in self.metrics).
+        Adds steps and seconds to self.metrics."""
+        config, start = self.config, time.time()
         batches = Batches(train, config.batch_size, self.rng)
         if self._state:
             batches.load_state_dict(self._state["batches"])
@@ -284,15 +291,19 @@ class Run:
             row = {}
             last = self.step == self.total_steps
             if self.step % config.log_every == 0 or last:
-                row = {"loss": loss, **train_stats(chunk, stats), "grad_norm": grad_norm,
+                row = {"loss": loss, **train_stats(chunk, stats, self.metrics), "grad_norm": grad_norm,
                        "lr": self.scheduler.get_last_lr()[0]}
                 self.metrics["train_loss"] = loss
             if evaluate and ((config.eval_every and self.step % config.eval_every == 0) or last):
-                row.update(evaluate())
+                with self.inference():
+                    result = evaluate()
+                self.metrics.update(result)
+                row.update(result)
             if row:
                 self.log.log(self.step, **row)
             self.maybe_save(batches=batches.state_dict())
         bar.close()
+        self.metrics.update(steps=self.step, seconds=round(time.time() - start, 2))
 
     # ------------------------------------------------------------ saves and resume
 
@@ -386,8 +397,3 @@ class Run:
                                extra={**(extra or {}), "config": asdict(self.config), "metrics_file": str(self.log.path),
                                       "plot": str(plot)}, **kwargs)
         distributed.barrier()  # the other ranks return once the checkpoint is there
-
-    def timed(self):
-        """Seconds since this call, for the final metrics."""
-        start = time.time()
-        return lambda: round(time.time() - start, 2)

@@ -92,11 +92,13 @@ def runs(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
 @pytest.fixture(scope="module")
 def fsdp_runs(runs, tiny_policy_dir, tiny_reward_dir):
     """Every stage again under torchrun with --fsdp (FSDP2 over gloo on CPU), on the data and
-    global batches of `runs`; SFT saves at step 2 on the way (a collective save)."""
+    global batches of `runs`; SFT saves at step 2 on the way (a collective save), DPO takes
+    each rank's uneven shard in one micro-batch."""
     configs = stage_configs(runs / "data", runs / "fsdp", tiny_policy_dir, tiny_reward_dir)
     for config in configs.values():
         config["fsdp"] = True
     configs["sft"]["save_every"] = 2
+    configs["dpo"]["micro_batch_size"] = 0  # the whole shard at once: 3 + 2 pairs, one forward on each rank
     # and PPO with LoRA under DDP: only the adapters (and the value head) are reduced
     configs["ppo-lora"] = {**stage_configs(runs / "data", runs / "lora", tiny_policy_dir, tiny_reward_dir)["ppo"],
                            "lora_r": 4, "lora_alpha": 8.0}

@@ -38,10 +38,6 @@ from .checkpoint import publish_checkpoint
 from .common import MetricsLog, TrainConfig, default_log_dir, pick_device, seed_everything
 from .sequences import hf_model
 
-
-def dist_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 STATE_FILE = "train_state.pt"
 
@@ -108,7 +104,7 @@ class Run:
         self.module = self.wrapped = self.optimizer = self.scheduler = None
         self.save_dir = Path(config.save_dir or f"{Path(config.output_dir).absolute()}.saves")
         self.resumed = self._latest_save() if config.resume else None
-        if config.fsdp and not dist_initialized():
+        if config.fsdp and not torch.distributed.is_initialized():
             raise ValueError("--fsdp shards over the processes of torchrun: run under `torchrun --nproc_per_node N`")
         if config.fsdp and config.lora_r:
             raise ValueError("--fsdp with LoRA is not supported: LoRA's trained weights are small, use data parallelism "
@@ -126,10 +122,9 @@ class Run:
         """from_pretrained on this rank's device. A trained model gets the LoRA adapter
         (--lora-r) and gradient checkpointing; a frozen one is stored in the compute dtype."""
         config = self.config
-        weights_dtype = self.dtype if not trainable or config.lora_r else torch.float32
-        if self.dtype == torch.float64:
-            weights_dtype = torch.float64
-        model = model_cls.from_pretrained(path, dtype=weights_dtype, **kwargs)
+        # The precision recipe: weights that train stay float32 under bfloat16 autocast.
+        frozen = not trainable or config.lora_r or self.dtype == torch.float64
+        model = model_cls.from_pretrained(path, dtype=self.dtype if frozen else torch.float32, **kwargs)
         if not trainable:
             return model.to(self.device).eval().requires_grad_(False)
         if config.gradient_checkpointing:
@@ -147,14 +142,13 @@ class Run:
             lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                    target_modules=config.lora_target_modules or lora_targets(model),
                                    task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
-            # Adapters (and the RM's score head, which SEQ_CLS keeps trainable) train in float32.
             with warnings.catch_warnings():
                 # peft reads transformers' deprecated is_gradient_checkpointing: nothing a user can change
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 model = peft.get_peft_model(model, lora, autocast_adapter_dtype=True)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float() if self.dtype != torch.float64 else p.data
+            for p in model.parameters():  # the adapters and the RM's score head (SEQ_CLS keeps it trainable)
+                if p.requires_grad and p.dtype == torch.bfloat16:
+                    p.data = p.data.float()
         return model.to(self.device).train()
 
     @contextlib.contextmanager
@@ -190,7 +184,7 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def prepare(self, module: LossModule, total_steps: int, optimizer_fn=None) -> None:
+    def prepare(self, module: LossModule, total_steps: int) -> None:
         """Wrap `module` for data parallelism, build its optimizer and schedule, and restore
         a save when resuming."""
         self.module, self.total_steps = module, total_steps
@@ -200,14 +194,13 @@ class Run:
             self.wrapped = distributed.data_parallel(module, self.device)
         else:
             self.wrapped = module
-        self.optimizer, self.scheduler = (optimizer_fn or self.config.optimizer)(module, total_steps)
+        self.optimizer, self.scheduler = self.config.optimizer(module, total_steps)
         if self._state:
             self._restore(self._state)
 
     # ------------------------------------------------------------ one step
 
-    def accumulate(self, batch: list, context=None, *, shard: bool = True,
-                   micro_batch_size: int | None = None) -> tuple[float, list[dict]]:
+    def accumulate(self, batch: list, context=None, *, shard: bool = True) -> tuple[float, list[dict]]:
         """Forward and backward over this rank's share of `batch` (all of it with
         shard=False: a batch that is already this rank's), in micro-batches, with the
         gradients reduced across ranks once, after the last. The module sees
@@ -217,12 +210,12 @@ class Run:
         Every rank runs as many micro-batches as rank 0 (a rank with fewer runs one more at
         zero weight): collectives must match. DDP averages gradients over ranks; the loss
         is scaled by the world size to make that the sum of the ranks' shares."""
-        mine = distributed.shard(batch) if shard else batch
-        size = micro_batch_size or self.config.micro_batch_size or len(mine) or 1
+        world = distributed.world_size()
+        mine, largest = (distributed.shard(batch), len(batch[0::world])) if shard else (batch, len(batch))
+        size = self.config.micro_batch_size or max(largest, 1)  # the same on every rank
         micros = [mine[i:i + size] for i in range(0, len(mine), size)]
-        rounds = -(-len(batch[0::distributed.world_size()]) // size) if shard else len(micros)
-        micros += [None] * (rounds - len(micros))  # ran on batch[:1], at zero weight
-        world, total, stats = distributed.world_size(), 0.0, []
+        micros += [None] * (-(-largest // size) - len(micros))  # ran on batch[:1], at zero weight
+        total, stats = 0.0, []
         for i, micro in enumerate(micros):
             with self._sync(last=i == len(micros) - 1):
                 with self.autocast():

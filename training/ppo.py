@@ -17,8 +17,8 @@ The value model starts from the reward model (InstructGPT) and reads a value at 
 
 Under torchrun each rank samples rollouts for its share of every rollout batch (with its own
 seed) and takes that share of every minibatch; advantages are whitened, and the KL
-controller reads the KL, over all ranks' rollouts; policy and value gradients are summed
-across ranks (distributed.py).
+controller reads the KL, over all ranks' rollouts; the policy and the value model train
+as one module in the training skeleton (DDP or FSDP2 over both).
 """
 
 from __future__ import annotations

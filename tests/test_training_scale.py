@@ -313,3 +313,18 @@ def test_new_options_are_on_every_trainers_cli():
                      "--gradient-checkpointing", "--save-every", "--resume", "--fsdp"):
             assert flag in text, (stage, flag)
     assert "--batch-size" not in entries["ppo"][2].format_help()  # PPO's batches are its own
+
+
+def test_dpo_scores_only_the_pairs_it_draws_and_resumes(setup, tmp_path):
+    args = dict(model=str(setup["policy"]), train_file=str(setup["prefs"]), learning_rate=1e-2, log_every=1)
+    one = train_dpo(DPOConfig(**common(tmp_path, "one", batch_size=4, max_steps=1, **args)))
+    assert one["reference_pairs"] == 4 and one["train_pairs"] == 12
+    # 12 pairs in batches of 5 for 4 steps: 5, 5, 2, then the next epoch's first 5: every pair
+    whole = train_dpo(DPOConfig(**common(tmp_path, "whole", batch_size=5, max_steps=4, save_every=2, **args)))
+    assert whole["reference_pairs"] == 12
+    # Resumed from step 2 (a finished run keeps its saves), it scores only what steps 3-4 draw
+    # and ends where the uninterrupted run ended.
+    resumed = train_dpo(DPOConfig(**common(tmp_path, "whole", batch_size=5, max_steps=4, save_every=2, resume=True,
+                                           overwrite=True, **args)))
+    assert 5 <= resumed["reference_pairs"] <= 7  # the epoch's last 2 and the next epoch's first 5, distinct
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)

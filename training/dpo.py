@@ -3,12 +3,13 @@ pairs directly, with the SFT model as the reference and no reward model or rollo
 
 A response's log-prob is the sum over its tokens and EOS (encoded after the prompt, as in
 SFT), computed with the shared kernel for both policy and reference. The reference's
-log-probs are computed once, before training, so the reference model is freed before
-the policy's first step.
+log-probs are computed once, before training, for the pairs the run will draw, so the
+reference model is freed before the policy's first step.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -142,24 +143,33 @@ def train_dpo(config: DPOConfig) -> dict:
     if not train:
         raise ValueError(f"{config.train_file}: no pair fits in max_length={config.max_length}")
     ref_path = config.ref_model or config.model
+    # The reference scores, before training, only the pairs the run will draw (max_steps may
+    # stop it long before an epoch) and the eval pairs.
+    total_steps = config.total_steps(len(train))
+    scored = [train[i] for i in run.upcoming(train, config.batch_size, total_steps)] + evals
+    start = time.time()
     if config.lora_r and not config.ref_model:
         # The reference is the base weights: the policy itself, its adapter not yet trained.
         model = run.load(AutoModelForCausalLM, model_path)
         with model.disable_adapter(), run.autocast():
-            add_reference_logps(model, train + evals, config.batch_size, pad_id, run.device, average)
+            add_reference_logps(model, scored, config.batch_size, pad_id, run.device, average)
         model.train()
     else:
         ref_model = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model_path,
                              trainable=False)
         with run.inference():
-            add_reference_logps(ref_model, train + evals, config.batch_size, pad_id, run.device, average)
+            add_reference_logps(ref_model, scored, config.batch_size, pad_id, run.device, average)
         del ref_model
         model = run.load(AutoModelForCausalLM, model_path)
+    reference_seconds = round(time.time() - start, 2)
     run.prepare(LossModule(partial(micro_loss, config=config, pad_id=pad_id, device=run.device), model=model),
-                config.total_steps(len(train)))
-    run.metrics.update(train_pairs=len(train), eval_pairs=len(evals))
+                total_steps)
+    run.metrics.update(train_pairs=len(train), eval_pairs=len(evals), reference_pairs=len(scored))
 
     run.fit(train, train_stats=train_stats,
             evaluate=(lambda: evaluate(model, evals, config, pad_id, run.device)) if evals else None)
-    run.publish(model, tokenizer, data_files=[config.train_file], extra={"reference": str(ref_path)})
+    # `seconds` counts the reference pass too: it is training work (TRL does it inside its steps)
+    run.metrics["seconds"] = round(run.metrics["seconds"] + reference_seconds, 2)
+    run.publish(model, tokenizer, data_files=[config.train_file],
+                extra={"reference": str(ref_path), "reference_seconds": reference_seconds})
     return run.metrics

@@ -109,7 +109,9 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
     prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    # logits_to_keep=1: the prefill's [B, P, V] logits would be the rollout's largest tensor
+    out = policy(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                 logits_to_keep=1)
     cache, logits = output_cache(out), out.logits[:, -1].float()
     next_position = positions[:, -1] + 1
     temperatures = torch.full((B,), temperature, device=device)
@@ -125,7 +127,7 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
         out = policy(input_ids=token[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                     **cache_kwargs(hf_model(policy), cache), use_cache=True)
+                     **cache_kwargs(hf_model(policy), cache), use_cache=True, logits_to_keep=1)
         cache, logits, next_position = output_cache(out), out.logits[:, -1].float(), next_position + 1
     return prompts, prompt_mask, torch.stack(tokens, dim=1)
 

@@ -298,7 +298,24 @@ class Run:
         bar.close()
         self.metrics.update(steps=self.step, seconds=round(time.time() - start, 2))
 
+    def upcoming(self, items: list, batch_size: int, total_steps: int) -> list[int]:
+        """Indices of the items fit() will draw in the steps left (the run's shuffles, drawn
+        here on a copy of its RNG and data position), in the order of first use: work done
+        on the data before training (DPO's reference log-probs) can skip the rest."""
+        rng = random.Random()
+        rng.setstate(self._rng_state()["python"] if self._state else self.rng.getstate())
+        probe = Batches(list(range(len(items))), batch_size, rng)
+        if self._state:
+            probe.load_state_dict(self._state["batches"])
+        seen: dict[int, None] = {}
+        for _ in range(total_steps - (self._state["step"] if self._state else 0)):
+            seen.update(dict.fromkeys(next(probe)))
+        return list(seen)
+
     # ------------------------------------------------------------ saves and resume
+
+    def _rng_state(self) -> dict:
+        return torch.load(self.resumed / f"rng-rank{distributed.rank()}.pt", weights_only=False)
 
     def _latest_save(self) -> Path | None:
         saves = sorted(self.save_dir.glob("step-*[0-9]")) if self.save_dir.is_dir() else []
@@ -352,7 +369,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.metrics = state["step"], dict(state["metrics"])
-        rng = torch.load(self.resumed / f"rng-rank{distributed.rank()}.pt", weights_only=False)
+        rng = self._rng_state()
         self.rng.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

@@ -81,6 +81,7 @@ VARIANTS = {
     "base": ((), []),
     "lora": (("lora_r", "lora_alpha"), ["--lora-r", "16", "--lora-alpha", "32"]),
     "gc": (("gradient_checkpointing",), ["--gradient-checkpointing"]),
+    "lora-gc": (("lora_r", "gradient_checkpointing"), ["--lora-r", "16", "--lora-alpha", "32", "--gradient-checkpointing"]),
 }
 
 
@@ -94,7 +95,7 @@ def parse_args(argv=None):
                    help="interpreter of the environment with trl, peft, datasets (default: .venv-trl)")
     p.add_argument("--rlhfkit-commit", default="unknown", help="the commit the rlhfkit snapshot was made from (recorded in the JSON)")
     p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of sft,rm,dpo,ppo")
-    p.add_argument("--variants", default="lora,gc", help="extra rlhfkit rows: comma-separated subset of lora,gc ('' for none)")
+    p.add_argument("--variants", default="lora,gc", help="extra rlhfkit rows: comma-separated subset of lora,gc,lora-gc ('' for none)")
     p.add_argument("--trl-extras", action="store_true", help="also run the lora and gc variants on the TRL side")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps (PPO/GRPO: iterations) per run")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (the first ones)")
@@ -801,7 +802,8 @@ def plot_results(path: str) -> int:
     trainers = [t for t in TRAINERS if any(r["trainer"] == t for r in rows)]
     series = list(dict.fromkeys((r["side"], r["variant"]) for r in rows))
     colors = {("rlhfkit", "base"): "#1f77b4", ("trl", "base"): "#ff7f0e", ("rlhfkit", "lora"): "#2ca02c",
-              ("rlhfkit", "gc"): "#9467bd", ("trl", "lora"): "#bcbd22", ("trl", "gc"): "#8c564b"}
+              ("rlhfkit", "gc"): "#9467bd", ("rlhfkit", "lora-gc"): "#17becf", ("trl", "lora"): "#bcbd22",
+              ("trl", "gc"): "#8c564b"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     width = 0.8 / max(1, len(series))
     # time: the best repeat (load from other processes on a shared machine only adds time); memory: the median

@@ -107,9 +107,17 @@ def fused_linear_logprobs(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
     rows = chunk_rows or default_chunk_rows(hidden2d.shape[0], weight.shape[1], weight.shape[0])
-    logp, entropy = FusedLinearLogProbsFunction.apply(
-        hidden2d, weight, labels1d, float(temperature), int(ignore_index), bool(return_entropy), int(rows),
-        resolve_backend(hidden),
-    )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast reaches the forward's matmuls but not the backward, which would recompute
+        # the logits in float32 against a log-sum-exp taken in the autocast dtype: cast the
+        # inputs here and run both passes in that dtype (the casts carry the gradients back).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden2d, weight = hidden2d.to(dtype), weight.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        logp, entropy = FusedLinearLogProbsFunction.apply(
+            hidden2d, weight, labels1d, float(temperature), int(ignore_index), bool(return_entropy), int(rows),
+            resolve_backend(hidden),
+        )
     logp = logp.reshape(labels.shape)
     return (logp, entropy.reshape(labels.shape)) if return_entropy else logp

@@ -91,6 +91,29 @@ def test_lora_sft_dpo_rm_publish_merged_checkpoints(setup, tmp_path):
     assert any("score" in k for k in adapter) and any("lora_A" in k for k in adapter)
 
 
+def test_lora_in_bfloat16_publishes_a_float32_merge(setup, tmp_path):
+    # The adapter trains over a bfloat16 copy of the base; the published merge is the adapter
+    # over the float32 base, as peft applies it in float32.
+    train_sft(SFTConfig(**common(tmp_path, "sft", model=str(setup["policy"]), train_file=str(setup["sft"]),
+                                 batch_size=4, max_steps=3, learning_rate=1e-2, dtype="bfloat16", **LORA)))
+    saved = load_file(tmp_path / "sft" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert_merged_equals_adapter(tmp_path / "sft", setup["policy"])
+
+
+def test_lora_targets_outside_the_blocks_are_refused(setup, tmp_path):
+    with pytest.raises(ValueError, match="lora_target_modules: \\['lm_head'\\] are not linear layers"):
+        train_sft(SFTConfig(**common(tmp_path, "sft", model=str(setup["policy"]), train_file=str(setup["sft"]),
+                                     max_steps=1, lora_target_modules=["lm_head"], **LORA)))
+
+
+def test_resume_with_other_options_names_them(setup, tmp_path):
+    args = dict(model=str(setup["policy"]), train_file=str(setup["sft"]), batch_size=4, max_steps=4, save_every=2)
+    train_sft(SFTConfig(**common(tmp_path, "sft", **args)))
+    with pytest.raises(ValueError, match="batch_size: 4 then, 3 now"):
+        train_sft(SFTConfig(**common(tmp_path, "sft", **{**args, "batch_size": 3}, resume=True, overwrite=True)))
+
+
 def test_lora_dpo_reference_is_the_base(setup, tmp_path):
     # On the first step the policy (an adapter with B = 0) is its reference, the base, exactly:
     # the implicit rewards are 0 and the sigmoid loss is log 2.

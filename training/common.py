@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -84,8 +85,6 @@ class TrainConfig:
         return make_optimizer(model, self.learning_rate, self.weight_decay, total_steps, warmup, self.min_lr_ratio,
                               self.adam_eps)
 
-    def metrics_log(self) -> "MetricsLog":
-        return MetricsLog(self.log_dir or default_log_dir(self.output_dir))
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -148,13 +147,15 @@ class MetricsLog:
         self.dir = Path(log_dir)
         self.path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
-        if resume_step is not None and self.path.is_file():
-            self.rows = [row for row in map(json.loads, self.path.read_text().splitlines()) if row["step"] <= resume_step]
         self._file = None
-        if distributed.is_main():
+        if distributed.is_main():  # the other ranks never write nor draw: they need no old rows
             self.dir.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+            if resume_step is not None and self.path.is_file():
+                self.rows = [row for row in map(json.loads, self.path.read_text().splitlines())
+                             if row["step"] <= resume_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+                os.replace(tmp, self.path)  # a kill here leaves the old log or the new one
             self._file = open(self.path, "a", encoding="utf-8")
         self._start = time.time()
 

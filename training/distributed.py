@@ -6,8 +6,8 @@ torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK; a
 then joins the process group (gloo on CPU, NCCL on CUDA with cuda:LOCAL_RANK), takes its
 slice of every global batch, and torch's DistributedDataParallel (or FSDP2 with --fsdp)
 reduces the gradients before each optimizer step, so the ranks' weights stay identical. Rank 0 alone writes checkpoints, metrics and progress
-bars. Without torchrun every function here is a no-op or the identity: one process trains
-exactly as it always has.
+bars. Without torchrun the helpers for ranks and sums are no-ops or the identity (the
+wrappers are not used then): one process trains exactly as it always has.
 
 The process group lives as long as the process (a torchrun worker may run several trainers
 one after the other): destroying and re-creating it between trainers can hang, when one

@@ -54,8 +54,9 @@ class PPOConfig(TrainConfig):
     A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates):
     the schedule, log_every, eval_every and save_every count iterations; micro_batch_size
     splits each minibatch's forward/backward. With LoRA, the reference is the policy's
-    base weights (its adapter disabled) and the reward model is the value model's (the
-    value model is the reward model with an adapter), so no frozen copy is loaded twice."""
+    base weights (its adapter disabled) unless --ref-model is given, and the reward model is
+    the value model's (the value model is the reward model with an adapter), so no frozen
+    copy is loaded twice."""
 
     model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
     reward_model: str = field(metadata={"help": "reward model checkpoint (also the value model's starting point)"})
@@ -213,6 +214,8 @@ def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config
     end_ids = end_token_ids(tokenizer, policy.generation_config)
     pad_id = pad_id_of(tokenizer)
     policy.eval()
+    if value_model is not None:
+        value_model.eval()  # with LoRA its base weights are the scorer
     for chunk in batched(distributed.shard(prompts_text), config.rollout_batch_size):
         ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
         prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature,
@@ -227,6 +230,8 @@ def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config
             except ValueError:  # not a prompt of the bundled task
                 pass
     policy.train()
+    if value_model is not None:
+        value_model.train()
     score_sum, n_scores, utility_sum, n_utilities = distributed.all_sum(
         [sum(scores), len(scores), sum(utilities), len(utilities)])
     result = {"eval_score": score_sum / n_scores}
@@ -342,7 +347,7 @@ def train_ppo(config: PPOConfig) -> dict:
             last = evaluate_now()
             row.update(last)
             run.metrics.update(last)
-        if iteration % config.log_every == 0 or iteration == config.num_iterations:
+        if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)
         run.metrics.update(score=row["score"], kl=row["kl"], kl_coef=kl_coef)
         run.maybe_save(stream=stream.state_dict(), kl_coef=kl_coef, generators={"sampling": generator})

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import publish_checkpoint
+from .checkpoint import _fsync_dir, _fsync_tree, publish_checkpoint
 from .common import MetricsLog, TrainConfig, default_log_dir, pick_device, seed_everything
 from .sequences import hf_model
 
@@ -112,6 +112,8 @@ class Run:
         if config.resume and self.resumed is None:
             raise FileNotFoundError(f"--resume: no save under {self.save_dir}; a run saves there with --save-every N")
         state = torch.load(self.resumed / STATE_FILE, weights_only=False) if self.resumed else None
+        if state:
+            self._check_same_run(state)
         self._state = state
         self.log = MetricsLog(state["log_dir"] if state else (config.log_dir or default_log_dir(config.output_dir)),
                               resume_step=state["step"] if state else None)
@@ -123,8 +125,8 @@ class Run:
         (--lora-r) and gradient checkpointing; a frozen one is stored in the compute dtype."""
         config = self.config
         # The precision recipe: weights that train stay float32 under bfloat16 autocast.
-        frozen = not trainable or config.lora_r or self.dtype == torch.float64
-        model = model_cls.from_pretrained(path, dtype=self.dtype if frozen else torch.float32, **kwargs)
+        in_compute_dtype = not trainable or config.lora_r or self.dtype == torch.float64
+        model = model_cls.from_pretrained(path, dtype=self.dtype if in_compute_dtype else torch.float32, **kwargs)
         if not trainable:
             return model.to(self.device).eval().requires_grad_(False)
         if config.gradient_checkpointing:
@@ -139,8 +141,14 @@ class Run:
             import peft
 
             seq_cls = not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None
+            targets = lora_targets(model)
+            # The heads are read as weights by the shared kernel (an adapter there would be skipped)
+            outside = sorted(set(config.lora_target_modules) - set(targets))
+            if outside:
+                raise ValueError(f"lora_target_modules: {outside} are not linear layers of {path}'s transformer "
+                                 f"blocks; choose from {targets}")
             lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                   target_modules=config.lora_target_modules or lora_targets(model),
+                                   target_modules=config.lora_target_modules or targets,
                                    task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
             with warnings.catch_warnings():
                 # peft reads transformers' deprecated is_gradient_checkpointing: nothing a user can change
@@ -162,14 +170,17 @@ class Run:
         from torch.distributed.fsdp import FSDPModule
 
         groups = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
-        for m in groups:
+        blocks = [m for m in groups if m is not self.module]  # the root never reshards after forward
+        for m in blocks:
             m.set_reshard_after_forward(False, recurse=False)
+        for m in groups:
             m.unshard()
         try:
             yield
         finally:
             for m in groups:
                 m.reshard()
+            for m in blocks:
                 m.set_reshard_after_forward(True, recurse=False)
 
     @contextlib.contextmanager
@@ -207,8 +218,8 @@ class Run:
         (micro-batch, context), the context defaulting to the whole batch. Returns the
         batch's loss (every rank's shares summed) and this rank's statistics per micro-batch.
 
-        Every rank runs as many micro-batches as rank 0 (a rank with fewer runs one more at
-        zero weight): collectives must match. DDP averages gradients over ranks; the loss
+        Every rank runs as many micro-batches as rank 0 (a rank with fewer runs the missing
+        ones at zero weight): collectives must match. DDP averages gradients over ranks; the loss
         is scaled by the world size to make that the sum of the ranks' shares."""
         world = distributed.world_size()
         mine, largest = (distributed.shard(batch), len(batch[0::world])) if shard else (batch, len(batch))
@@ -340,7 +351,7 @@ class Run:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"step": self.step, "weights": weights, "optimizer": optimizer,
+            torch.save({"step": self.step, "identity": self._run_identity(), "weights": weights, "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(), "metrics": self.metrics, "log_dir": str(self.log.dir),
                         **extra}, tmp / STATE_FILE)
         distributed.barrier()
@@ -349,14 +360,32 @@ class Run:
                     "generators": generators}, tmp / f"rng-rank{distributed.rank()}.pt")
         distributed.barrier()
         if distributed.is_main():
-            for path in tmp.iterdir():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+            _fsync_tree(tmp)
             os.rename(tmp, final)
+            _fsync_dir(self.save_dir)
             for old in sorted(self.save_dir.glob("step-*[0-9]"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
         return final
+
+    def _run_identity(self) -> dict:
+        """What a resumed run must share with the saved one."""
+        from dataclasses import asdict
+
+        ignored = {"resume", "overwrite", "progress", "device", "log_dir", "save_dir"}
+        return {"config": {k: v for k, v in asdict(self.config).items() if k not in ignored},
+                "world_size": distributed.world_size()}
+
+    def _check_same_run(self, state: dict) -> None:
+        saved, now = state["identity"], self._run_identity()
+        changed = sorted(k for k in saved["config"].keys() | now["config"].keys()
+                         if saved["config"].get(k) != now["config"].get(k))
+        if changed or saved["world_size"] != now["world_size"]:
+            detail = ", ".join(f"{k}: {saved['config'].get(k)!r} then, {now['config'].get(k)!r} now" for k in changed)
+            if saved["world_size"] != now["world_size"]:
+                detail += f"{', ' if detail else ''}processes: {saved['world_size']} then, {now['world_size']} now"
+            raise ValueError(f"--resume: {self.resumed} was saved by a different run ({detail}); resume with the "
+                             "same options, or start afresh without --resume")
 
     def _restore(self, state: dict) -> None:
         if self.config.fsdp:
@@ -377,7 +406,7 @@ class Run:
         self._generator_states = rng["generators"]
 
     def resumed_state(self, key: str, default=None):
-        """What the trainer passed to end_step under `key`, when resuming (else default)."""
+        """What the trainer passed to maybe_save under `key`, when resuming (else default)."""
         return self._state.get(key, default) if self._state else default
 
     def restore_generator(self, name: str, generator: torch.Generator) -> torch.Generator:
@@ -387,6 +416,20 @@ class Run:
 
     # ------------------------------------------------------------ the end
 
+    def _adapter_over_float32_base(self, model):
+        """The trained adapter over the base reloaded in float32: merged into the bfloat16
+        copy of the base that trained it, a small update would round away."""
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        from rlhfkit.hf import resolve_model
+
+        inner = hf_model(model)
+        base = type(inner).from_pretrained(resolve_model(self.config.model, self.config.revision), config=inner.config,
+                                           dtype=torch.float32)
+        adapted = get_peft_model(base, model.peft_config["default"])
+        set_peft_model_state_dict(adapted, get_peft_model_state_dict(model))
+        return adapted
+
     def publish(self, model, tokenizer, *, data_files: list[str], extra: dict | None = None, **kwargs) -> None:
         """Close the log (drawing its curves), publish the model on rank 0 (a LoRA model
         merged, its adapter saved beside it), and return on every rank once it is there."""
@@ -395,6 +438,8 @@ class Run:
         from .data import fingerprint_files
 
         plot = self.log.close()
+        if self.config.lora_r and self.dtype != torch.float32 and distributed.is_main():
+            model = self._adapter_over_float32_base(model)
         state = None
         if self.config.fsdp:  # the model's weights are shards: publish the gathered ones
             [prefix] = [f"models.{name}." for name, m in self.module.models.items() if m is model]

@@ -232,3 +232,26 @@ def test_lora_ppo_under_ddp_keeps_the_ranks_identical(fsdp_runs, tiny_policy_dir
     assert (fsdp_runs / "lora" / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
     merged, base = load_file(fsdp_runs / "lora" / "ppo" / "model.safetensors"), load_file(tiny_policy_dir / "model.safetensors")
     assert any((merged[k] - base[k]).abs().max() > 0 for k in base)  # the merged adapters moved the policy
+
+
+def test_fsdp_run_resumes_from_its_save(fsdp_runs, tiny_policy_dir, tiny_reward_dir):
+    # The FSDP SFT run saved at step 2 of 3; two processes resume from that save (gathered
+    # weights and optimizer state broadcast from rank 0, each rank's RNG) into another output
+    # and end with the uninterrupted run's weights.
+    config = {**stage_configs(fsdp_runs / "data", fsdp_runs / "fsdp", tiny_policy_dir, tiny_reward_dir)["sft"],
+              "fsdp": True, "save_every": 2, "resume": True, "save_dir": str(fsdp_runs / "fsdp" / "sft.saves"),
+              "output_dir": str(fsdp_runs / "resumed" / "sft"), "log_dir": str(fsdp_runs / "resumed" / "log-sft")}
+    (fsdp_runs / "resumed-dumps").mkdir()
+    spec = fsdp_runs / "resumed-spec.json"
+    spec.write_text(json.dumps({"sft": config}))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), str(spec), str(fsdp_runs / "resumed-dumps")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    whole, resumed = load_file(fsdp_runs / "fsdp" / "sft" / "model.safetensors"), \
+        load_file(fsdp_runs / "resumed" / "sft" / "model.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in rows(fsdp_runs / "resumed" / "log-sft")] == [3]
+    assert rows(fsdp_runs / "resumed" / "log-sft")[0]["loss"] == pytest.approx(rows(fsdp_runs / "fsdp" / "log-sft")[2]["loss"],
+                                                                              rel=1e-5)

@@ -145,8 +145,7 @@ def train_dpo(config: DPOConfig) -> dict:
     ref_path = config.ref_model or config.model
     # The reference scores, before training, only the pairs the run will draw (max_steps may
     # stop it long before an epoch) and the eval pairs.
-    total_steps = config.total_steps(len(train))
-    scored = [train[i] for i in run.upcoming(train, config.batch_size, total_steps)] + evals
+    scored = [train[i] for i in run.upcoming(train)] + evals
     start = time.time()
     if config.lora_r and not config.ref_model:
         # The reference is the base weights: the policy itself, its adapter not yet trained.
@@ -163,7 +162,7 @@ def train_dpo(config: DPOConfig) -> dict:
         model = run.load(AutoModelForCausalLM, model_path)
     reference_seconds = round(time.time() - start, 2)
     run.prepare(LossModule(partial(micro_loss, config=config, pad_id=pad_id, device=run.device), model=model),
-                total_steps)
+                config.total_steps(len(train)))
     run.metrics.update(train_pairs=len(train), eval_pairs=len(evals), reference_pairs=len(scored))
 
     run.fit(train, train_stats=train_stats,

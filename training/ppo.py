@@ -24,7 +24,6 @@ as one module in the training skeleton (DDP or FSDP2 over both).
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -309,7 +308,6 @@ def train_ppo(config: PPOConfig) -> dict:
             if chunk:
                 return distributed.shard(chunk)
 
-    start = time.time()
     bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
@@ -354,7 +352,7 @@ def train_ppo(config: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
-    run.metrics.update(iterations=config.num_iterations, seconds=round(time.time() - start, 2))
+    run.metrics.update(iterations=config.num_iterations, seconds=run.seconds())
     run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
                 extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model)})
     return run.metrics

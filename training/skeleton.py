@@ -115,7 +115,8 @@ class Run:
         if state:
             self._check_same_run(state)
         self._state = state
-        self.log = MetricsLog(state["log_dir"] if state else (config.log_dir or default_log_dir(config.output_dir)),
+        # A resumed run logs where the saved one did, unless told otherwise
+        self.log = MetricsLog(config.log_dir or (state["log_dir"] if state else default_log_dir(config.output_dir)),
                               resume_step=state["step"] if state else None)
 
     # ------------------------------------------------------------ models
@@ -206,6 +207,7 @@ class Run:
         else:
             self.wrapped = module
         self.optimizer, self.scheduler = self.config.optimizer(module, total_steps)
+        self._clock, self._seconds_before = time.time(), 0.0
         if self._state:
             self._restore(self._state)
 
@@ -277,7 +279,7 @@ class Run:
         train_stats(batch, this rank's micro-batch statistics, self.metrics)) and evaluated
         every eval_every steps and at the end (evaluate() -> metrics, kept in self.metrics).
         Adds steps and seconds to self.metrics."""
-        config, start = self.config, time.time()
+        config = self.config
         batches = Batches(train, config.batch_size, self.rng)
         if self._state:
             batches.load_state_dict(self._state["batches"])
@@ -307,19 +309,23 @@ class Run:
                 self.log.log(self.step, **row)
             self.maybe_save(batches=batches.state_dict())
         bar.close()
-        self.metrics.update(steps=self.step, seconds=round(time.time() - start, 2))
+        self.metrics.update(steps=self.step, seconds=self.seconds())
 
-    def upcoming(self, items: list, batch_size: int, total_steps: int) -> list[int]:
+    def seconds(self) -> float:
+        """Training time since prepare(), plus the saved run's when resuming."""
+        return round(self._seconds_before + time.time() - self._clock, 2)
+
+    def upcoming(self, items: list) -> list[int]:
         """Indices of the items fit() will draw in the steps left (the run's shuffles, drawn
         here on a copy of its RNG and data position), in the order of first use: work done
         on the data before training (DPO's reference log-probs) can skip the rest."""
         rng = random.Random()
         rng.setstate(self._rng_state()["python"] if self._state else self.rng.getstate())
-        probe = Batches(list(range(len(items))), batch_size, rng)
+        probe = Batches(list(range(len(items))), self.config.batch_size, rng)
         if self._state:
             probe.load_state_dict(self._state["batches"])
         seen: dict[int, None] = {}
-        for _ in range(total_steps - (self._state["step"] if self._state else 0)):
+        for _ in range(self.config.total_steps(len(items)) - (self._state["step"] if self._state else 0)):
             seen.update(dict.fromkeys(next(probe)))
         return list(seen)
 
@@ -345,13 +351,13 @@ class Run:
         final = self.save_dir / f"step-{self.step:06d}"
         tmp = self.save_dir / f".step-{self.step:06d}.tmp"
         generators = {k: v.get_state() for k, v in extra.pop("generators", {}).items()}
-        weights = self.trained_state()
+        weights = self.trained_state() if self.config.fsdp or distributed.is_main() else None  # FSDP: a collective
         optimizer = distributed.full_optimizer_state(self.module, self.optimizer) if self.config.fsdp \
             else self.optimizer.state_dict()
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"step": self.step, "identity": self._run_identity(), "weights": weights, "optimizer": optimizer,
+            torch.save({"step": self.step, "seconds": self.seconds(), "identity": self._run_identity(), "weights": weights, "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(), "metrics": self.metrics, "log_dir": str(self.log.dir),
                         **extra}, tmp / STATE_FILE)
         distributed.barrier()
@@ -372,7 +378,7 @@ class Run:
         """What a resumed run must share with the saved one."""
         from dataclasses import asdict
 
-        ignored = {"resume", "overwrite", "progress", "device", "log_dir", "save_dir"}
+        ignored = {"resume", "overwrite", "progress", "device", "output_dir", "log_dir", "save_dir"}
         return {"config": {k: v for k, v in asdict(self.config).items() if k not in ignored},
                 "world_size": distributed.world_size()}
 
@@ -397,7 +403,7 @@ class Run:
                     params[name].copy_(tensor)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.metrics = state["step"], dict(state["metrics"])
+        self.step, self.metrics, self._seconds_before = state["step"], dict(state["metrics"]), state["seconds"]
         rng = self._rng_state()
         self.rng.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])

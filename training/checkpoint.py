@@ -69,7 +69,8 @@ def publish_checkpoint(model, tokenizer, output_dir: str | Path, *, stage: str, 
 
     A peft (LoRA) model is saved merged, so the checkpoint loads in plain transformers and
     serves here, with its adapter beside it in output_dir/adapter (PeftModel.from_pretrained
-    reads it over the base model). `state_dict`: the full weights when the model's own are
+    reads it over the base model); merging consumes the peft wrapper (the caller's model is
+    the merged one afterwards). `state_dict`: the full weights when the model's own are
     sharded (FSDP).
 
     base_model is inherited from the parent's rlhfkit.json (the model the lineage started

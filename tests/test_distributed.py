@@ -99,6 +99,9 @@ def fsdp_runs(runs, tiny_policy_dir, tiny_reward_dir):
         config["fsdp"] = True
     configs["sft"]["save_every"] = 2
     configs["dpo"]["micro_batch_size"] = 0  # the whole shard at once: 3 + 2 pairs, one forward on each rank
+    # SFT under DDP saving at step 2 (resumed in test_fsdp_run_resumes_from_its_save)
+    configs["sft-ddp"] = {**stage_configs(runs / "data", runs / "ddp", tiny_policy_dir, tiny_reward_dir)["sft"],
+                          "save_every": 2}
     # and PPO with LoRA under DDP: only the adapters (and the value head) are reduced
     configs["ppo-lora"] = {**stage_configs(runs / "data", runs / "lora", tiny_policy_dir, tiny_reward_dir)["ppo"],
                            "lora_r": 4, "lora_alpha": 8.0}
@@ -237,19 +240,27 @@ def test_lora_ppo_under_ddp_keeps_the_ranks_identical(fsdp_runs, tiny_policy_dir
 def test_fsdp_run_resumes_from_its_save(fsdp_runs, tiny_policy_dir, tiny_reward_dir):
     # The FSDP SFT run saved at step 2 of 3; two processes resume from that save (gathered
     # weights and optimizer state broadcast from rank 0, each rank's RNG) into another output
-    # and end with the uninterrupted run's weights.
+    # and end with the uninterrupted run's weights. The same for a DDP run.
     config = {**stage_configs(fsdp_runs / "data", fsdp_runs / "fsdp", tiny_policy_dir, tiny_reward_dir)["sft"],
               "fsdp": True, "save_every": 2, "resume": True, "save_dir": str(fsdp_runs / "fsdp" / "sft.saves"),
               "output_dir": str(fsdp_runs / "resumed" / "sft"), "log_dir": str(fsdp_runs / "resumed" / "log-sft")}
+    ddp = {**stage_configs(fsdp_runs / "data", fsdp_runs / "ddp", tiny_policy_dir, tiny_reward_dir)["sft"],
+           "save_every": 2, "resume": True, "save_dir": str(fsdp_runs / "ddp" / "sft.saves"),
+           "output_dir": str(fsdp_runs / "resumed" / "sft-ddp"),
+           "log_dir": str(fsdp_runs / "resumed" / "log-sft-ddp")}
     (fsdp_runs / "resumed-dumps").mkdir()
     spec = fsdp_runs / "resumed-spec.json"
-    spec.write_text(json.dumps({"sft": config}))
+    spec.write_text(json.dumps({"sft": config, "sft-ddp": ddp}))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(WORKER), str(spec), str(fsdp_runs / "resumed-dumps")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     whole, resumed = load_file(fsdp_runs / "fsdp" / "sft" / "model.safetensors"), \
         load_file(fsdp_runs / "resumed" / "sft" / "model.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    whole, resumed = load_file(fsdp_runs / "ddp" / "sft" / "model.safetensors"), \
+        load_file(fsdp_runs / "resumed" / "sft-ddp" / "model.safetensors")  # and DDP's
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in rows(fsdp_runs / "resumed" / "log-sft")] == [3]

@@ -111,7 +111,8 @@ class Run:
                              "(torchrun without --fsdp)")
         if config.resume and self.resumed is None:
             raise FileNotFoundError(f"--resume: no save under {self.save_dir}; a run saves there with --save-every N")
-        state = torch.load(self.resumed / STATE_FILE, weights_only=False) if self.resumed else None
+        # mmap: a rank reads only what it touches (under FSDP the others take rank 0's broadcast)
+        state = torch.load(self.resumed / STATE_FILE, weights_only=False, mmap=True) if self.resumed else None
         if state:
             self._check_same_run(state)
         self._state = state

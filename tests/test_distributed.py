@@ -149,6 +149,15 @@ def assert_same_updates(two: dict, one: dict, start: dict):
         assert (two[key] - one[key]).norm() <= 2e-3 * update.norm(), key
 
 
+def assert_same_rows(got: list[dict], want: list[dict]):
+    """Two metrics logs of the same run: the same steps, keys and values (but the clock)."""
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"time"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_two_processes_train_as_one_with_the_same_global_batch(runs, tiny_policy_dir, stage):
     assert_same_updates(load_file(runs / "two" / stage / "model.safetensors"),
@@ -156,12 +165,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs, tiny_policy
                         load_file(tiny_policy_dir / "model.safetensors"))
     # The logged curves too: the loss is the whole batch's (the ranks' shares add up), the
     # gradient norm is the summed gradient's, accuracies and rewards count every rank's pairs.
-    two, one = rows(runs / "two" / f"log-{stage}"), rows(runs / "one" / f"log-{stage}")
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
-    for a, b in zip(two, one):
-        assert a.keys() == b.keys()
-        for key in a.keys() - {"time"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert_same_rows(rows(runs / "two" / f"log-{stage}"), rows(runs / "one" / f"log-{stage}"))
     info_two, info_one = read_info(runs / "two" / stage), read_info(runs / "one" / stage)
     for key in info_one["metrics"].keys() - {"seconds"}:
         assert info_two["metrics"][key] == pytest.approx(info_one["metrics"][key], rel=1e-4, abs=1e-6), key
@@ -208,11 +212,7 @@ def test_fsdp_trains_as_one_process_with_the_same_global_batch(fsdp_runs, tiny_p
     assert_same_updates(load_file(fsdp_runs / "fsdp" / stage / "model.safetensors"),
                         load_file(fsdp_runs / "one" / stage / "model.safetensors"),
                         load_file(tiny_policy_dir / "model.safetensors"))
-    fsdp, one = rows(fsdp_runs / "fsdp" / f"log-{stage}"), rows(fsdp_runs / "one" / f"log-{stage}")
-    assert [r["step"] for r in fsdp] == [r["step"] for r in one] == [1, 2, 3]
-    for a, b in zip(fsdp, one):
-        for key in b.keys() - {"time"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert_same_rows(rows(fsdp_runs / "fsdp" / f"log-{stage}"), rows(fsdp_runs / "one" / f"log-{stage}"))
     if stage == "sft":
         assert (fsdp_runs / "fsdp" / "sft.saves" / "step-000002" / "train_state.pt").is_file()
 

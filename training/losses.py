@@ -4,7 +4,11 @@ Reward model (InstructGPT, Ouyang et al. 2022): a Bradley-Terry pairwise loss an
 K-wise form, all C(K,2) pairs of one ranking in one go, normalised by 1/C(K,2) so a
 prompt with more responses does not outweigh one with fewer.
 PPO (Schulman et al. 2017, as in TRL/OpenAI lm-human-preferences): clipped policy and
-value losses, GAE, whitening. DPO (Rafailov et al. 2023) with its sigmoid, IPO and hinge
+value losses, GAE, whitening. Critic-free policy gradients: GRPO's group-normalised
+advantages (Shao et al. 2024) and Dr. GRPO's unscaled ones (Liu et al. 2025), RLOO's
+leave-one-out baseline (Ahmadian et al. 2024), the KL to the reference as a loss term, the
+loss aggregations, and truncated importance sampling for rollouts whose log-probs came from
+another engine (Yao et al. 2025). DPO (Rafailov et al. 2023) with its sigmoid, IPO and hinge
 variants. Every mask is 1 (or True) where a token counts.
 """
 
@@ -86,22 +90,31 @@ def ranking_rm_loss(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
 
 # ---------------------------------------------------------------- PPO
 
+def clipped_policy_loss_per_token(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                                  clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
+    """max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)) per token, ρ = π/π_old; `advantages` per token [B, T]
+    or per sequence [B]. Returns (loss per token, clipped: 1 where the clipped term won
+    strictly; a ratio exactly at 1±ε is not clipped, both terms being equal)."""
+    if advantages.dim() == logprobs.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach().to(logprobs.dtype)
+
+
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor | None = None,
                     clip_range: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped surrogate: mean of max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)), ρ = π/π_old per token.
 
     Returns (loss, clip_fraction, approx_kl). clip_fraction counts tokens where the clipped
-    term won strictly (a ratio exactly at 1±ε is not clipped: both terms are equal);
-    approx_kl = mean(½ (log ρ)²), the estimator TRL and OpenAI's baselines log.
+    term won strictly; approx_kl = mean(½ (log ρ)²), the estimator TRL and OpenAI's baselines log.
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, clipped = clipped_policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+        clip_fraction = masked_mean(clipped, mask)
+        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
     return loss, clip_fraction, approx_kl
 
 
@@ -143,6 +156,112 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: floa
         next_advantage = torch.where(counted, advantage_t, next_advantage)
     returns = (advantages + values) * mask.to(values.dtype)
     return advantages, returns
+
+
+# ---------------------------------------------------------------- critic-free (GRPO, RLOO)
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO: each reward minus the mean of its group, over the group's (unbiased) std + eps;
+    `rewards` [N] holds N / group_size groups of consecutive samples of one prompt.
+    scale=False is Dr. GRPO's: no division by the std, which weighs prompts whose samples
+    all score alike (too easy or too hard) as much as the informative ones."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO: each reward minus the mean of the other group_size - 1 rewards of its prompt
+    (an unbiased baseline: it does not depend on the sample it is subtracted from)."""
+    if group_size < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got {group_size}")
+    groups = rewards.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+KL_PENALTIES = ("k1", "k2", "k3", "k3_unbiased")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, old_logprobs: Tensor | None = None,
+               estimator: str = "k3") -> Tensor:
+    """Per-token KL(π || ref) estimate for the loss, differentiable in `logprobs`.
+
+    k1 = log π/ref has zero expected gradient (E_π[∇ log π] = 0): use it in the reward, not
+    the loss. k2 = ½ (log π/ref)²: its gradient is the reverse KL's on-policy. k3 =
+    ref/π - 1 - log ref/π (GRPO's): unbiased in value, biased in gradient. k3_unbiased =
+    (π/π_old)·k3 (DeepSeek-V3.2): the importance weight makes E_π_old of it equal KL(π || ref)
+    for every θ, so its gradient is the KL's gradient; needs `old_logprobs`."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator not in ("k3", "k3_unbiased"):
+        raise ValueError(f"estimator must be one of {KL_PENALTIES}, got {estimator!r}")
+    k3 = torch.expm1(log_ratio) - log_ratio
+    if estimator == "k3":
+        return k3
+    if old_logprobs is None:
+        raise ValueError("k3_unbiased needs old_logprobs (the sampling policy's)")
+    return torch.exp(logprobs - old_logprobs) * k3
+
+
+LOSS_AGGREGATIONS = ("token-mean", "sequence-mean", "token-sum")
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, aggregation: str, *, max_new_tokens: int | None = None,
+                   n_sequences: int | None = None, n_tokens: int | None = None) -> Tensor:
+    """One loss from per-token terms [B, T]:
+      token-mean     sum over every counted token / their count (DAPO; long responses weigh more),
+      sequence-mean  the mean over sequences of each one's token mean (GRPO's paper),
+      token-sum      sum / (sequences · max_new_tokens), a constant (Dr. GRPO: no length bias).
+    `n_sequences` / `n_tokens` are the whole batch's (every micro-batch, every rank) when this
+    is a part of it, so the parts add up to the batch's loss; default: this batch's own."""
+    mask = mask.to(per_token.dtype)
+    n_sequences = n_sequences or per_token.shape[0]
+    if aggregation == "token-mean":
+        return (per_token * mask).sum() / max(n_tokens or float(mask.sum()), 1.0)
+    if aggregation == "sequence-mean":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_sequences
+    if aggregation == "token-sum":
+        if not max_new_tokens:
+            raise ValueError("token-sum aggregation needs max_new_tokens")
+        return (per_token * mask).sum() / (n_sequences * max_new_tokens)
+    raise ValueError(f"aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+
+
+IS_LEVELS = ("token", "sequence")
+
+
+@torch.no_grad()
+def truncated_importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float,
+                                 level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling for rollouts sampled by another engine or precision:
+    w = min(π_train_old / π_behaviour, cap) per token, or one weight per sequence from the
+    product of its tokens' ratios; the policy loss is multiplied by w. Returns (w [B, T],
+    stats): the mismatch KL(behaviour || trainer) per token (k3, on the behaviour's samples),
+    the ratio's mean and max and the fraction of weights capped, over counted tokens
+    (sequences, at sequence level)."""
+    m = mask.to(old_logprobs.dtype)
+    log_ratio = (old_logprobs - behaviour_logprobs) * m
+    if level == "token":
+        ratio, counted = torch.exp(log_ratio), mask.bool()
+    elif level == "sequence":
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True)).expand_as(log_ratio)
+        counted = torch.zeros_like(mask, dtype=torch.bool)
+        counted[:, 0] = mask.bool().any(-1)
+    else:
+        raise ValueError(f"level must be one of {IS_LEVELS}, got {level!r}")
+    weights = ratio.clamp(max=cap) * m
+    r = ratio[counted]
+    stats = {"mismatch_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+             "is_ratio_mean": r.mean() if r.numel() else ratio.new_tensor(1.0),
+             "is_ratio_max": r.max() if r.numel() else ratio.new_tensor(1.0),
+             "is_capped_fraction": (r > cap).to(ratio.dtype).mean() if r.numel() else ratio.new_tensor(0.0)}
+    return weights, stats
 
 
 # ---------------------------------------------------------------- DPO

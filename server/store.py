@@ -24,7 +24,7 @@ from pathlib import Path
 ROLES = ("policy", "reference", "reward")
 ROLES_FILE = "roles.json"
 # Which stages each role follows when roles.json does not name a checkpoint, in preference order.
-DEFAULT_STAGES = {"policy": (("ppo", "dpo"), ("sft",)), "reference": (("sft",),), "reward": (("rm",),)}
+DEFAULT_STAGES = {"policy": (("ppo", "grpo", "rloo", "dpo"), ("sft",)), "reference": (("sft",),), "reward": (("rm",),)}
 
 
 class StoreError(ValueError):

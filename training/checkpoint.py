@@ -17,7 +17,7 @@ from pathlib import Path
 
 INFO_FILE = "rlhfkit.json"
 ADAPTER_DIR = "adapter"
-STAGES = ("sft", "rm", "ppo", "dpo")
+STAGES = ("sft", "rm", "ppo", "grpo", "rloo", "dpo")
 
 
 def read_info(checkpoint_dir: str | Path) -> dict:

@@ -20,13 +20,15 @@ STAGES = {
     "rm": ("rlhfkit.training.rm", "RMConfig", "train_rm"),
     "dpo": ("rlhfkit.training.dpo", "DPOConfig", "train_dpo"),
     "ppo": ("rlhfkit.training.ppo", "PPOConfig", "train_ppo"),
+    "grpo": ("rlhfkit.training.critic_free", "GRPOConfig", "train_grpo"),
+    "rloo": ("rlhfkit.training.critic_free", "RLOOConfig", "train_rloo"),
     "label": ("rlhfkit.training.loop", "LabelConfig", "label_policy_samples"),
     "eval": ("rlhfkit.training.loop", "EvalConfig", "evaluate_policy"),
 }
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="rlhfkit train", description="Train SFT / reward model / PPO / DPO "
+    parser = argparse.ArgumentParser(prog="rlhfkit train", description="Train SFT / reward model / PPO / GRPO / RLOO / DPO "
                                      "checkpoints, or write the bundled task's data.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     entries = {}

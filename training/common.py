@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,17 @@ class TrainConfig:
         return make_optimizer(model, self.learning_rate, self.weight_decay, total_steps, warmup, self.min_lr_ratio,
                               self.adam_eps)
 
+
+
+def cpu_model() -> str:
+    """The host's CPU model: reports and bench results name it, as timings differ across hosts."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -4,25 +4,28 @@ nothing, on a laptop CPU.
     task data + a tokenizer + a small Llama trained from scratch
       -> SFT on the careless demonstrators' answers
       -> the annotators rank K samples of the SFT policy per prompt -> reward model
-      -> PPO against the reward model, per-token KL penalty to the SFT policy
-      -> held-out evaluation: the annotators' win rate of PPO over SFT, the reward model's
-         pairwise accuracy, KL(PPO || SFT)
+      -> --algo: PPO (per-token KL penalty to the SFT policy), GRPO or RLOO against the
+         reward model, or DPO on the preference pairs
+      -> held-out evaluation: the annotators' win rate of the policy over SFT, the reward
+         model's pairwise accuracy, KL(policy || SFT)
       -> DIR/report.md, DIR/report.png, DIR/report.json
 
 DIR/store is a model store as the server reads it (ARCHITECTURE.md, Checkpoints):
-`rlhfkit serve --store DIR/store` serves the PPO policy, the SFT reference and the RM.
+`rlhfkit serve --store DIR/store` serves the trained policy, the SFT reference and the RM.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from . import task
-from .common import pick_device
+from .common import cpu_model, pick_device
+from .critic_free import GRPOConfig, RLOOConfig, train_grpo, train_rloo
 from .data import read_jsonl, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .loop import LabelConfig, gold_utility, label_policy_samples, mean_kl, win_rate
@@ -31,10 +34,13 @@ from .rm import RMConfig, train_rm
 from .sft import SFTConfig, train_sft
 
 
+ALGO_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+
+
 @dataclass
 class QuickstartConfig:
-    """SFT -> reward model -> PPO on the bundled task with a small model trained from scratch, then the
-    annotators' win rate of PPO over SFT on held-out prompts, in a report (markdown, PNG, JSON)."""
+    """SFT -> reward model -> PPO, GRPO, RLOO or DPO (--algo) on the bundled task with a small model trained from
+    scratch, then the annotators' win rate of the policy over SFT on held-out prompts, in a report (markdown, PNG, JSON)."""
 
     out: str = field(metadata={"help": "output directory: data/, store/ (checkpoints), runs/ (curves), report.*"})
     model: str | None = field(default=None, metadata={"help": "policy to start from (default: a small Llama from scratch, tokenizer included)"})
@@ -49,9 +55,15 @@ class QuickstartConfig:
     n_pairs: int = field(default=4000, metadata={"help": "synthetic preference pairs mixed into the RM data (4000 rather than 2000: +0.3 to +1.1 points of win rate on 3 paired chat runs, +30 s)"})
     rm_epochs: float = field(default=2.0, metadata={"help": "reward model epochs"})
     rm_learning_rate: float = field(default=3e-4, metadata={"help": "reward model peak learning rate"})
+    algo: Literal["ppo", "grpo", "rloo", "dpo"] = field(default="ppo", metadata={"help": "the third step: PPO, GRPO or RLOO against the reward model, or DPO on the preference pairs"})
     ppo_iterations: int = field(default=500, metadata={"help": "PPO iterations"})
     ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
     kl_coef: float = field(default=0.35, metadata={"help": "PPO per-token KL penalty (0.05 over-optimised the reward model: 60-65% win rate on the chat path, 70-71% on text; 0.35: 72-75% on both, seeds 0-3)"})
+    grpo_iterations: int = field(default=500, metadata={"help": "GRPO / RLOO iterations (batch_size responses each: batch_size / num_generations prompts)"})
+    grpo_learning_rate: float = field(default=1e-4, metadata={"help": "GRPO / RLOO learning rate"})
+    grpo_kl_coef: float = field(default=0.1, metadata={"help": "GRPO's KL weight (k3, in the loss); RLOO's per-token KL penalty (k1, in the reward)"})
+    num_generations: int = field(default=4, metadata={"help": "GRPO / RLOO samples per prompt"})
+    rl_evals: int = field(default=10, metadata={"help": "held-out evaluations during the RL run (reward, KL, gold utility: the over-optimisation curves; the best is published)"})
     batch_size: int = field(default=32, metadata={"help": "batch size of every stage (PPO: prompts per rollout)"})
     n_eval: int = field(default=200, metadata={"help": "held-out prompts of the evaluation"})
     eval_samples: int = field(default=4, metadata={"help": "sampled response pairs per held-out prompt for the win rate"})
@@ -63,13 +75,17 @@ class QuickstartConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
-        for name in ("n_sft", "sft_steps", "n_prompts", "ppo_iterations", "batch_size", "n_eval", "eval_samples"):
+        for name in ("n_sft", "sft_steps", "n_prompts", "ppo_iterations", "grpo_iterations", "batch_size", "n_eval",
+                     "eval_samples", "rl_evals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.chatter_rate <= 1.0:
             raise ValueError(f"chatter_rate must be in [0, 1], got {self.chatter_rate}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to rank, got {self.k}")
+        if self.num_generations < 2 or self.batch_size % self.num_generations:
+            raise ValueError(f"num_generations must be >= 2 and divide batch_size ({self.batch_size}), got "
+                             f"{self.num_generations}")
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
@@ -91,7 +107,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         base = str(make_tiny_checkpoint(out / "base", tokenizer=tokenizer, seed=c.seed, hidden_size=c.hidden_size,
                                         num_layers=c.num_layers))
     common = dict(batch_size=c.batch_size, seed=c.seed, device=c.device, progress=c.progress, overwrite=True)
-    checkpoints = {name: str(store / f"{name}-1") for name in ("sft", "rm", "ppo")}
+    algo = c.algo
+    checkpoints = {name: str(store / f"{name}-1") for name in ("sft", "rm", algo)}
     seconds: dict[str, float] = {}
     stage_start = time.time()
 
@@ -124,61 +141,81 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                                    learning_rate=c.rm_learning_rate, log_every=10, log_dir=str(runs / "rm-1"), **common))
     stage("rm")
 
-    ppo_common = {k: v for k, v in common.items() if k != "batch_size"}
-    ppo_metrics = train_ppo(PPOConfig(model=checkpoints["sft"], reward_model=checkpoints["rm"],
-                                      prompts_file=files["prompts"], eval_prompts_file=files["prompts_eval"],
-                                      output_dir=checkpoints["ppo"], num_iterations=c.ppo_iterations,
-                                      rollout_batch_size=c.batch_size, minibatch_size=max(1, c.batch_size // 2),
-                                      max_new_tokens=16, learning_rate=c.ppo_learning_rate, kl_coef=c.kl_coef,
-                                      log_dir=str(runs / "ppo-1"), **ppo_common))
-    stage("ppo")
+    rl_common = dict(model=checkpoints["sft"], reward_model=checkpoints["rm"], prompts_file=files["prompts"],
+                     eval_prompts_file=files["prompts_eval"], output_dir=checkpoints.get(algo), max_new_tokens=16,
+                     log_dir=str(runs / f"{algo}-1"), **{k: v for k, v in common.items() if k != "batch_size"})
+    metrics: dict = {}
+    if algo == "ppo":
+        metrics = train_ppo(PPOConfig(num_iterations=c.ppo_iterations, rollout_batch_size=c.batch_size,
+                                      minibatch_size=max(1, c.batch_size // 2), learning_rate=c.ppo_learning_rate,
+                                      kl_coef=c.kl_coef, eval_every=max(1, c.ppo_iterations // c.rl_evals),
+                                      **rl_common))
+    elif algo in ("grpo", "rloo"):
+        config_cls, train = (GRPOConfig, train_grpo) if algo == "grpo" else (RLOOConfig, train_rloo)
+        metrics = train(config_cls(num_iterations=c.grpo_iterations, num_generations=c.num_generations,
+                                   prompts_per_iteration=c.batch_size // c.num_generations,
+                                   minibatch_size=max(c.num_generations, c.batch_size // 2),
+                                   learning_rate=c.grpo_learning_rate, kl_coef=c.grpo_kl_coef,
+                                   eval_every=max(1, c.grpo_iterations // c.rl_evals), **rl_common))
 
-    if c.dpo:
+    def dpo_stage() -> dict:
         checkpoints["dpo"] = str(store / "dpo-1")
-        train_dpo(DPOConfig(model=checkpoints["sft"], train_file=files["preferences"],
-                            eval_file=files["preferences_eval"], output_dir=checkpoints["dpo"], num_epochs=1.0,
-                            log_every=10, log_dir=str(runs / "dpo-1"), **common))
+        return train_dpo(DPOConfig(model=checkpoints["sft"], train_file=files["preferences"],
+                                   eval_file=files["preferences_eval"], output_dir=checkpoints["dpo"], num_epochs=1.0,
+                                   log_every=10, log_dir=str(runs / "dpo-1"), **common))
+
+    if algo == "dpo":
+        metrics = dpo_stage()
+    stage(algo)
+    if c.dpo and algo != "dpo":
+        dpo_stage()
         stage("dpo")
 
     # Pin the roles (a DPO policy, published last, would otherwise take the policy role) and
     # serve the DPO policy by name beside them, for side-by-side comparisons.
-    roles = {"policy": "ppo-1", "reference": "sft-1", "reward": "rm-1", "serve": ["dpo-1"] if c.dpo else []}
+    roles = {"policy": f"{algo}-1", "reference": "sft-1", "reward": "rm-1",
+             "serve": ["dpo-1"] if c.dpo and algo != "dpo" else []}
     (store / "roles.json").write_text(json.dumps(roles, indent=2) + "\n")
 
-    # Held-out evaluation: sampled at temperature 1, the distribution PPO optimises.
+    # Held-out evaluation: sampled at temperature 1, the distribution the RL algorithms optimise.
     judge = dict(prompts=eval_prompts, samples_per_prompt=c.eval_samples,
                  annotator_temperature=c.annotator_temperature, seed=c.seed + 1, device=device)
-    versus_sft = {name: win_rate(checkpoints[name], checkpoints["sft"], **judge) for name in ("ppo", "dpo")
-                  if name in checkpoints}
+    names = [algo] + (["dpo"] if c.dpo and algo != "dpo" else [])
+    versus_sft = {name: win_rate(checkpoints[name], checkpoints["sft"], **judge) for name in names}
     # Sampled utilities come from the win-rate samples; SFT's are the baseline's of any comparison.
-    sampled = {"sft": versus_sft["ppo"]["utility_baseline"], **{n: r["utility_policy"] for n, r in versus_sft.items()}}
+    sampled = {"sft": versus_sft[algo]["utility_baseline"], **{n: r["utility_policy"] for n, r in versus_sft.items()}}
     gold = {name: {"greedy": gold_utility(checkpoints[name], eval_prompts, 0.0, device=device), "sampled": u}
             for name, u in sampled.items()}
-    kl = mean_kl(checkpoints["ppo"], checkpoints["sft"], eval_prompts, seed=c.seed + 2, device=device)
+    kl = mean_kl(checkpoints[algo], checkpoints["sft"], eval_prompts, seed=c.seed + 2, device=device)
     stage("evaluation")
 
     report = {
-        "win_rate_ppo_vs_sft": versus_sft["ppo"]["win_rate"],
+        "algo": algo,
+        "win_rate_vs_sft": versus_sft[algo]["win_rate"],
+        f"win_rate_{algo}_vs_sft": versus_sft[algo]["win_rate"],
         "rm_pairwise_accuracy": rm_metrics.get("eval_accuracy"),
         "mean_kl": kl,
         "elapsed_seconds": round(time.time() - started, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "checkpoints": checkpoints,
         "comparisons_vs_sft": versus_sft,
         "gold_utility": gold,
         "stage_seconds": seconds,
-        "metrics": {"sft": sft_metrics, "rm": rm_metrics, "ppo": ppo_metrics},
+        "selected_iteration": metrics.get("selected_iteration"),
+        "metrics": {"sft": sft_metrics, "rm": rm_metrics, algo: metrics},
         "config": asdict(c),
         "device": device,
+        "cpu": cpu_model(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot_report(runs, report, out / "report.png")
     (out / "report.md").write_text(report_markdown(report, out))
-    print(f"[quickstart] PPO preferred over SFT {100 * report['win_rate_ppo_vs_sft']:.1f}% of the time; "
-          f"RM accuracy {report['rm_pairwise_accuracy']:.3f}; KL(PPO||SFT) {kl:.2f} nats; "
+    print(f"[quickstart] {ALGO_NAMES[algo]} preferred over SFT {100 * report['win_rate_vs_sft']:.1f}% of the time; "
+          f"RM accuracy {report['rm_pairwise_accuracy']:.3f}; KL({ALGO_NAMES[algo]}||SFT) {kl:.2f} nats; "
           f"{report['elapsed_seconds']:.0f}s. Report: {out / 'report.md'}\n"
           f"Serve it: rlhfkit serve --store {store}", flush=True)
-    return {k: report[k] for k in ("win_rate_ppo_vs_sft", "rm_pairwise_accuracy", "mean_kl", "elapsed_seconds",
-                                   "checkpoints")}
+    return {k: report[k] for k in ("algo", "win_rate_vs_sft", f"win_rate_{algo}_vs_sft", "rm_pairwise_accuracy",
+                                   "mean_kl", "elapsed_seconds", "peak_rss_mib", "checkpoints")}
 
 
 def plot_report(runs: Path, report: dict, path: Path) -> Path:
@@ -192,13 +229,20 @@ def plot_report(runs: Path, report: dict, path: Path) -> Path:
         lines = (runs / run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    algo, name = report["algo"], ALGO_NAMES[report["algo"]]
+    run = f"{algo}-1"
+    if algo == "dpo":
+        third = [(f"DPO: loss", run, ["loss", "eval_loss"]), ("DPO: preference accuracy", run, ["accuracy", "eval_accuracy"])]
+    else:
+        score = "score" if algo == "ppo" else "reward"
+        third = [(f"{name}: reward-model score, gold utility (held out)", run, [score, "eval_score", "eval_task_utility"]),
+                 (f"{name}: KL to SFT per response (nats)", run, ["kl", "eval_kl"])]
     panels = [("SFT: loss", "sft-1", ["loss", "eval_loss"]),
-              ("reward model: pairwise accuracy", "rm-1", ["accuracy", "eval_accuracy"]),
-              ("PPO: reward-model score, gold utility (held out)", "ppo-1", ["score", "eval_score", "eval_task_utility"]),
-              ("PPO: KL to SFT per response (nats)", "ppo-1", ["kl"])]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (title, run, keys) in zip(axes.flat, panels):
-        data = rows(run)
+              ("reward model: pairwise accuracy", "rm-1", ["accuracy", "eval_accuracy"]), *third]
+    curves = algo != "dpo"  # Gao et al.'s over-optimisation curves: held-out score and gold utility against KL
+    fig, axes = plt.subplots(2, 3 if curves else 2, figsize=(15 if curves else 10, 6.5))
+    for ax, (title, run_name, keys) in zip(axes.T.flat if curves else axes.flat, panels):
+        data = rows(run_name)
         for key in keys:
             points = [(r["step"], r[key]) for r in data if isinstance(r.get(key), (int, float))]
             if points:
@@ -207,7 +251,22 @@ def plot_report(runs: Path, report: dict, path: Path) -> Path:
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"quickstart: PPO preferred over SFT {100 * report['win_rate_ppo_vs_sft']:.1f}% "
+    if curves:
+        evals = [r for r in rows(run) if isinstance(r.get("eval_kl"), (int, float))]
+        selected = report.get("selected_iteration")
+        for ax, key, label in ((axes[0, 2], "eval_score", "reward-model score"),
+                               (axes[1, 2], "eval_task_utility", "gold utility")):
+            points = [(r["eval_kl"], r[key], r["step"]) for r in evals if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                for kl, value, step in points:
+                    if step == selected:
+                        ax.scatter([kl], [value], s=120, facecolors="none", edgecolors="red", label="published")
+            ax.set_title(f"{name}: held-out {label} against KL to SFT", fontsize=9)
+            ax.set_xlabel("KL(policy || SFT) per response (nats)", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"quickstart: {name} preferred over SFT {100 * report['win_rate_vs_sft']:.1f}% "
                  f"(held-out prompts, simulated annotators)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -216,21 +275,28 @@ def plot_report(runs: Path, report: dict, path: Path) -> Path:
 
 
 def report_markdown(report: dict, out: Path) -> str:
-    ppo = report["comparisons_vs_sft"]["ppo"]
+    algo, name = report["algo"], ALGO_NAMES[report["algo"]]
+    result = report["comparisons_vs_sft"][algo]
+    third = {"ppo": "PPO against the reward model", "grpo": "GRPO against the reward model",
+             "rloo": "RLOO against the reward model", "dpo": "DPO on the preference pairs"}[algo]
+    selected = (f" The published {name} policy is the held-out evaluation's best (reward − KL penalty) at "
+                f"iteration {report['selected_iteration']}." if report.get("selected_iteration") is not None else "")
     lines = [
         "# rlhfkit quickstart",
         "",
-        "SFT -> reward model -> PPO on the bundled task (training/task.py), with a small Llama trained from scratch; "
-        "simulated annotators stand in for people. Evaluated on held-out prompts, responses sampled at temperature 1.",
+        f"SFT -> reward model -> {third} on the bundled task (training/task.py), with a small Llama trained from "
+        "scratch; simulated annotators stand in for people. Evaluated on held-out prompts, responses sampled at "
+        "temperature 1." + selected,
         "",
         "| measure | value |",
         "|---|---|",
-        f"| win rate of PPO over SFT (annotators' expected vote) | {100 * report['win_rate_ppo_vs_sft']:.1f}% |",
-        f"| noiseless pairs: PPO better / tie / SFT better | {ppo['wins']} / {ppo['ties']} / {ppo['losses']} |",
-        f"| responses wrapped in chatter: SFT / PPO | {100 * ppo['chatty_baseline']:.0f}% / {100 * ppo['chatty_policy']:.0f}% |",
+        f"| win rate of {name} over SFT (annotators' expected vote) | {100 * report['win_rate_vs_sft']:.1f}% |",
+        f"| noiseless pairs: {name} better / tie / SFT better | {result['wins']} / {result['ties']} / {result['losses']} |",
+        f"| responses wrapped in chatter: SFT / {name} | {100 * result['chatty_baseline']:.0f}% / {100 * result['chatty_policy']:.0f}% |",
         f"| reward model pairwise accuracy (held-out SFT samples, noiseless labels) | {report['rm_pairwise_accuracy']:.3f} |",
-        f"| KL(PPO ‖ SFT) per response | {report['mean_kl']:.3f} nats |",
-        f"| elapsed | {report['elapsed_seconds']:.0f} s on {report['device']} |",
+        f"| KL({name} ‖ SFT) per response | {report['mean_kl']:.3f} nats |",
+        f"| elapsed | {report['elapsed_seconds']:.0f} s on {report['device']} ({report['cpu']}), peak RSS "
+        f"{report['peak_rss_mib']:.0f} MiB |",
         "",
         "Gold utility (the annotators' hidden score, 0 to 1) of each policy on the held-out prompts:",
         "",
@@ -246,7 +312,7 @@ def report_markdown(report: dict, out: Path) -> str:
         "",
         *[f"- {name}: `{path}`" for name, path in report["checkpoints"].items()],
         "",
-        "Serve them (store/roles.json gives the PPO policy the policy role, SFT the reference, the RM the reward):",
+        f"Serve them (store/roles.json gives the {name} policy the policy role, SFT the reference, the RM the reward):",
         "",
         "```bash",
         f"rlhfkit serve --store {out / 'store'}",

@@ -99,12 +99,14 @@ def end_id_tensor(eos_id, device) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, eos_id, pad_id: int,
-             generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             generator: torch.Generator | None, device, num_samples: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses with a KV cache. Prompts are left-padded (positions counted from
     each prompt's first real token). `eos_id`: the id, or the set of ids, that ends a
-    response (the server's rule: rlhfkit.chat.end_token_ids). Returns (prompt_ids [B, P]
-    left-padded, prompt_mask, response_ids [B, R] with pad after the end id)."""
-    B = len(prompt_ids)
+    response (the server's rule: rlhfkit.chat.end_token_ids). `num_samples` responses per
+    prompt (rows i*num_samples ... of the outputs), the prompt prefilled once and its K/V
+    repeated. Returns (prompt_ids [B, P] left-padded, prompt_mask, response_ids [B, R] with
+    pad after the end id)."""
     width = max(len(p) for p in prompt_ids)
     prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids], device=device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
@@ -113,6 +115,11 @@ def generate(policy, prompt_ids: list[list[int]], max_new_tokens: int, temperatu
     out = policy(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                  logits_to_keep=1)
     cache, logits = output_cache(out), out.logits[:, -1].float()
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        prompts, prompt_mask, positions, logits = (t.repeat_interleave(num_samples, dim=0)
+                                                   for t in (prompts, prompt_mask, positions, logits))
+    B = prompts.shape[0]
     next_position = positions[:, -1] + 1
     temperatures = torch.full((B,), temperature, device=device)
     top_k, top_p = torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, device=device)

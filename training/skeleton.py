@@ -101,6 +101,7 @@ class Run:
         self.dtype = DTYPES[config.dtype]
         self.step = 0
         self.metrics: dict = {}
+        self.best: dict | None = None  # keep_if_best: {"objective", "step", "weights"}
         self.module = self.wrapped = self.optimizer = self.scheduler = None
         self.save_dir = Path(config.save_dir or f"{Path(config.output_dir).absolute()}.saves")
         self.resumed = self._latest_save() if config.resume else None
@@ -266,6 +267,33 @@ class Run:
         self.scheduler.step()
         self.step += 1
 
+    def keep_if_best(self, objective: float) -> bool:
+        """Checkpoint selection: keep a copy of the trained weights when `objective` (a
+        held-out measure, higher is better) beats every earlier one; restore_best() puts the
+        kept weights back before publishing."""
+        if self.best is not None and objective <= self.best["objective"]:
+            return False
+        # every rank keeps its replica's copy; under FSDP gathering is a collective and rank 0 keeps it
+        weights = {k: v.clone() for k, v in self.trained_state().items()}
+        self.best = {"objective": objective, "step": self.step, "weights": weights}
+        return True
+
+    def restore_best(self) -> int:
+        """The weights keep_if_best kept (the step they are from), or the current step's."""
+        if self.best is None:
+            return self.step
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(self.module, self.best["weights"] if distributed.is_main() else {},
+                                 options=distributed._fsdp_options(broadcast_from_rank0=True))
+        else:
+            params = dict(self.module.named_parameters())
+            with torch.no_grad():
+                for name, tensor in self.best["weights"].items():
+                    params[name].copy_(tensor)
+        return self.best["step"]
+
     def maybe_save(self, **save_state) -> None:
         """Every save_every steps (after the step's log row), save the run; `save_state`:
         what the trainer needs besides the Run's own state to continue exactly."""
@@ -360,6 +388,7 @@ class Run:
             tmp.mkdir(parents=True)
             torch.save({"step": self.step, "seconds": self.seconds(), "identity": self._run_identity(), "weights": weights, "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(), "metrics": self.metrics, "log_dir": str(self.log.dir),
+                        "best": self.best,
                         **extra}, tmp / STATE_FILE)
         distributed.barrier()
         torch.save({"python": self.rng.getstate(), "torch": torch.get_rng_state(),
@@ -405,6 +434,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.metrics, self._seconds_before = state["step"], dict(state["metrics"]), state["seconds"]
+        self.best = state.get("best")
         rng = self._rng_state()
         self.rng.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])

@@ -6,14 +6,19 @@ One iteration:
      rlhfkit.chat as the server renders them) with the policy, through the same
      sample_tokens the server uses (temperature only: top-k/top-p would change the
      distribution the PPO ratio is taken against), ending at the server's end ids;
-  2. score: the reward model reads prompt + response text the way the server's
-     Reward.Score does (plus the RM's reward_bias); log-probs of the policy and the
-     reference and the values come from one forward pass each;
+  2. score: every reward source (rlhfkit.training.rewards: the reward model reads prompt +
+     response text the way the server's Reward.Score does, plus its reward_bias; a server's
+     Score RPC; Python functions); log-probs of the policy and the reference and the values
+     come from one forward pass each;
   3. rewards per token: -kl_coef * KL_t, plus the score on the last token; GAE; whitened
      advantages;
   4. ppo_epochs passes of clipped policy and value updates over minibatches, plus
-     ptx_coef * the SFT loss on demonstrations when a ptx file is given.
-The value model starts from the reward model (InstructGPT) and reads a value at every token.
+     ptx_coef * the SFT loss on demonstrations when a ptx file is given; with
+     --rollout-engine vllm each token's policy loss is weighted by the truncated ratio
+     min(π_old / π_behaviour, is_cap).
+The value model starts from the reward model (InstructGPT), or --value-model, and reads a
+value at every token. With --eval-prompts-file and --select-best the published policy is the
+evaluated one with the best held-out reward - kl_coef · KL.
 
 Under torchrun each rank samples rollouts for its share of every rollout batch (with its own
 seed) and takes that share of every minibatch; advantages are whitened, and the KL
@@ -23,7 +28,6 @@ as one module in the training skeleton (DDP or FSDP2 over both).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -36,18 +40,21 @@ from rlhfkit.chat import end_token_ids, prompt_ids
 from rlhfkit.hf import resolve_model
 from rlhfkit.kernels import kl_from_logprobs
 
-from . import distributed, task
+from . import distributed
 from .checkpoint import read_info
 from .common import TrainConfig, batched
 from .data import read_jsonl
-from .losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from .sequences import (collate, decode_responses, end_id_tensor, generate, pad_id_of, response_logprobs,
-                        response_mask_of, response_values, score_pairs, sft_loss, tokenize_sft, trained_tokens)
+from .losses import (IS_LEVELS, clipped_policy_loss_per_token, gae, masked_mean, ppo_value_loss,
+                     truncated_importance_weights, whiten)
+from .rewards import RewardOptions, Rewards, columns_of
+from .rollouts import ROLLOUT_ENGINES, Sampler, evaluate_on_prompts, frozen
+from .sequences import (collate, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of,
+                        response_values, sft_loss, tokenize_sft, trained_tokens)
 from .skeleton import Batches, LossModule, Run
 
 
 @dataclass(kw_only=True)
-class PPOConfig(TrainConfig):
+class PPOConfig(RewardOptions, TrainConfig):
     """Optimise a policy against a reward model with PPO, a KL penalty to the reference and optional PPO-ptx.
 
     A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates):
@@ -58,10 +65,10 @@ class PPOConfig(TrainConfig):
     copy is loaded twice."""
 
     model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
-    reward_model: str = field(metadata={"help": "reward model checkpoint (also the value model's starting point)"})
     prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line: text, or a conversation (a list of messages)"})
     output_dir: str = field(metadata={"help": "where to publish the policy"})
     ref_model: str | None = field(default=None, metadata={"help": "reference policy for the KL penalty (default: --model)"})
+    value_model: str | None = field(default=None, metadata={"help": "the value model's starting point (default: --reward-model; without one, the policy with a new value head)"})
     eval_prompts_file: str | None = field(default=None, metadata={"help": "held-out prompts: mean reward before and after"})
     ptx_file: str | None = field(default=None, metadata={"help": "SFT demonstrations mixed into the loss (PPO-ptx)"})
     ptx_coef: float = field(default=0.0, metadata={"help": "weight of the SFT loss on --ptx-file (InstructGPT's gamma)"})
@@ -91,6 +98,12 @@ class PPOConfig(TrainConfig):
     eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: only at the end); with --eval-prompts-file also before the first"})
     seed: int = field(default=0, metadata={"help": "random seed (prompt order, sampling)"})
     micro_batch_size: int = field(default=0, metadata={"help": "rollouts per forward/backward in each process, gradients accumulated up to --minibatch-size (0: the whole minibatch at once)"})
+    rollout_engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "native: the policy samples (as the server does); vllm: an in-process vLLM updated from the trainer after every iteration (README: the vLLM engine)"})
+    vllm_gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vLLM rollouts: the fraction of GPU memory (of RAM on CPU) vLLM reserves"})
+    is_cap: float = field(default=2.0, metadata={"help": "truncated importance sampling: cap of π_trainer_old / π_behaviour when another engine sampled"})
+    is_level: Literal["token", "sequence"] = field(default="token", metadata={"help": "importance ratio per token or per sequence (the product of its tokens')"})
+    select_best: bool = field(default=True, metadata={"help": "with --eval-prompts-file, publish the evaluated policy with the best held-out reward - kl_coef * KL"})
+    eval_batch_size: int = field(default=64, metadata={"help": "held-out prompts per evaluation forward"})
     # TrainConfig's batching does not apply: PPO's batches are rollout_batch_size prompts
     # and minibatch_size rollouts, its length limits max_prompt_length + max_new_tokens.
     max_length: int = field(default=256, init=False, metadata={"cli": False})
@@ -110,6 +123,12 @@ class PPOConfig(TrainConfig):
             raise ValueError("ptx_coef > 0 needs --ptx-file")
         if not 0 < self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError("gamma and lam must be in (0, 1]")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if self.is_cap < 1 or self.is_level not in IS_LEVELS:
+            raise ValueError(f"is_cap must be >= 1 and is_level one of {IS_LEVELS}, got {self.is_cap}, {self.is_level!r}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
     def total_steps(self, n_examples: int = 0) -> int:
         return self.num_iterations
@@ -142,101 +161,73 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
 
 # ---------------------------------------------------------------- training
 
-@contextlib.contextmanager
-def frozen(model, adapted):
-    """`model`, or when it is None (LoRA), `adapted` with its adapter disabled: the base weights."""
-    if model is not None:
-        yield model
-    else:
-        with adapted.disable_adapter():
-            yield adapted
-
-
 def _load(run: Run, config: PPOConfig):
     """Each model reference a local directory or a Hub id (rlhfkit.hf.resolve_model). With
-    LoRA and no separate --ref-model, ref and reward_model are None: the adapters' base."""
+    LoRA and no separate --ref-model, ref is None: the policy's base. With LoRA and the value
+    model started from the reward model, that model's base weights are the scorer."""
     model = resolve_model(config.model, config.revision)
-    rm_path = resolve_model(config.reward_model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = run.load(AutoModelForCausalLM, model)
     ref = None
     if config.ref_model or not config.lora_r:
         ref = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model,
                        trainable=False)
-    rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
-    reward_model = None if config.lora_r else run.load(AutoModelForSequenceClassification, rm_path, trainable=False)
-    value_model = run.load(AutoModelForSequenceClassification, rm_path)
-    return tokenizer, policy, ref, rm_tokenizer, reward_model, value_model
+    rm_path = resolve_model(config.reward_model) if config.reward_model else None
+    value_path = resolve_model(config.value_model) if config.value_model else rm_path or model
+    value_model = run.load(AutoModelForSequenceClassification, value_path, num_labels=1)
+    scorer = rm_tokenizer = None
+    bias = 0.0
+    if rm_path:
+        rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
+        bias = float(read_info(rm_path).get("reward_bias", 0.0))
+        if config.lora_r and value_path == rm_path:
+            scorer = partial(frozen, None, value_model)
+        else:
+            scorer = run.load(AutoModelForSequenceClassification, rm_path, trainable=False).eval()
+    rewards = Rewards(config, reward_model=scorer, rm_tokenizer=rm_tokenizer, reward_bias=bias, device=run.device)
+    return tokenizer, policy, ref, rewards, value_model
 
 
 @torch.no_grad()
 def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_model, value_model, config, kl_coef,
-                  reward_bias, generator, device) -> dict:
-    """Sample, score and value one rollout batch. `ref` / `reward_model` None: the policy's /
-    value model's base weights (LoRA)."""
+                  reward_bias, generator, device, *, rewards: Rewards | None = None, columns: dict | None = None,
+                  sampler: Sampler | None = None) -> dict:
+    """Sample, score and value one rollout batch. `ref` None: the policy's base weights
+    (LoRA). `rewards`: the run's reward sources (default: `reward_model` alone, or with
+    None the value model's base weights); `columns`: the prompts' other columns, for reward
+    functions; `sampler`: where rollouts are sampled (default: the policy itself)."""
     end_ids = end_token_ids(tokenizer, policy.generation_config)
     pad_id = pad_id_of(tokenizer)
     ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in prompts_text]
+    if rewards is None:
+        rewards = Rewards(config, reward_model=partial(frozen, reward_model, value_model), rm_tokenizer=rm_tokenizer,
+                          reward_bias=reward_bias, device=device)
     policy.eval()
     value_model.eval()
-    prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature, end_ids,
-                                               pad_id, generator, device)
+    prompts, prompt_mask, responses, behaviour = (sampler or Sampler("native", config.model, dtype=config.dtype,
+                                                                     seed=config.seed, max_model_len=0)).sample(
+        policy, ids, 1, config.max_new_tokens, config.temperature, end_ids, pad_id, generator, device)
     mask = response_mask_of(responses, end_ids)
     logprobs = response_logprobs(policy, prompts, prompt_mask, responses, mask, config.temperature)
     with frozen(ref, policy) as reference:
         ref_logprobs = response_logprobs(reference, prompts, prompt_mask, responses, mask, config.temperature)
     values = response_values(value_model, prompts, prompt_mask, responses, mask)
     texts = decode_responses(tokenizer, responses, mask)
-    with frozen(reward_model, value_model) as scorer:
-        scores = score_pairs(scorer, rm_tokenizer, list(zip(prompts_text, texts)), 1 << 30, device)
-    scores = scores + reward_bias
+    scores, parts = rewards(prompts_text, texts, columns, device)
     ended = torch.isin(responses, end_id_tensor(end_ids, device)).any(-1)
     scores = scores - config.missing_eos_penalty * (~ended).float()
-    rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
-    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    shaped, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
+    advantages, returns = gae(shaped, values, mask, config.gamma, config.lam)
     advantages = whiten_across_ranks(advantages, mask)
+    # In-process rollouts: the behaviour is the trainer's old policy, and the weights are exactly 1.
+    is_weights, is_stats = truncated_importance_weights(logprobs, logprobs if behaviour is None else behaviour, mask,
+                                                        config.is_cap, config.is_level)
     policy.train()
     value_model.train()
     return {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses, "mask": mask,
             "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
-            "scores": scores, "kl": kl.sum(-1), "ended": ended, "texts": texts}
-
-
-@torch.no_grad()
-def evaluate(prompts_text, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
-             value_model=None) -> dict:
-    """Mean RM score of sampled responses to held-out prompts (seeded: comparable across
-    evals), and the bundled task's gold utility when the prompts are the task's.
-    `reward_model` None: value_model's base weights (LoRA)."""
-    generator = torch.Generator(device=device).manual_seed(config.seed + 12345 + distributed.rank())
-    scores, utilities = [], []
-    end_ids = end_token_ids(tokenizer, policy.generation_config)
-    pad_id = pad_id_of(tokenizer)
-    policy.eval()
-    if value_model is not None:
-        value_model.eval()  # with LoRA its base weights are the scorer
-    for chunk in batched(distributed.shard(prompts_text), config.rollout_batch_size):
-        ids = [prompt_ids(tokenizer, p)[-config.max_prompt_length:] for p in chunk]
-        prompts, prompt_mask, responses = generate(policy, ids, config.max_new_tokens, config.temperature,
-                                                   end_ids, pad_id, generator, device)
-        texts = decode_responses(tokenizer, responses, response_mask_of(responses, end_ids))
-        with frozen(reward_model, value_model) as scorer:
-            scores += (score_pairs(scorer, rm_tokenizer, list(zip(chunk, texts)), 1 << 30, device)
-                       + reward_bias).tolist()
-        for p, t in zip(chunk, texts):
-            try:
-                utilities.append(task.utility(p, t))
-            except ValueError:  # not a prompt of the bundled task
-                pass
-    policy.train()
-    if value_model is not None:
-        value_model.train()
-    score_sum, n_scores, utility_sum, n_utilities = distributed.all_sum(
-        [sum(scores), len(scores), sum(utilities), len(utilities)])
-    result = {"eval_score": score_sum / n_scores}
-    if n_utilities == n_scores:
-        result["eval_task_utility"] = utility_sum / n_utilities
-    return result
+            "is_weights": is_weights, "scores": scores, "kl": kl.sum(-1), "ended": ended, "texts": texts,
+            "parts": parts, "is_stats": is_stats}
 
 
 def micro_loss(rows, context, *, policy, value, config: PPOConfig, pad_id: int, device):
@@ -250,8 +241,10 @@ def micro_loss(rows, context, *, policy, value, config: PPOConfig, pad_id: int, 
     logprobs, entropy = response_logprobs(policy, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"],
                                           config.temperature, return_entropy=True)
     values = response_values(value, mb["prompts"], mb["prompt_mask"], mb["responses"], mb["mask"])
-    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"],
-                                                   config.clip_range)
+    per_token, clipped = clipped_policy_loss_per_token(logprobs, mb["logprobs"], mb["advantages"], config.clip_range)
+    pg_loss = masked_mean(per_token * mb["is_weights"], mb["mask"])
+    clipfrac = masked_mean(clipped, mb["mask"])
+    approx_kl = masked_mean(0.5 * (logprobs.detach() - mb["logprobs"]) ** 2, mb["mask"])
     vf_loss, vf_clipfrac = ppo_value_loss(values, mb["values"], mb["returns"], mb["mask"], config.clip_range_value)
     loss = (pg_loss + config.vf_coef * vf_loss) * share
     stats = {name: value.detach().float() * share for name, value in (
@@ -270,12 +263,13 @@ def train_ppo(config: PPOConfig) -> dict:
     run = Run(config, "ppo")
     device, world = run.device, distributed.world_size()
     generator = torch.Generator(device=device).manual_seed(config.seed + distributed.rank())
-    tokenizer, policy, ref, rm_tokenizer, reward_model, value_model = _load(run, config)
-    reward_bias = float(read_info(resolve_model(config.reward_model)).get("reward_bias", 0.0))
+    tokenizer, policy, ref, rewards, value_model = _load(run, config)
     pad_id = pad_id_of(tokenizer)
+    end_ids = end_token_ids(tokenizer, policy.generation_config)
 
-    prompts = [r["prompt"] for r in read_jsonl(config.prompts_file, "prompts")]
-    eval_prompts = [r["prompt"] for r in read_jsonl(config.eval_prompts_file, "prompts")] if config.eval_prompts_file else []
+    records = read_jsonl(config.prompts_file, "prompts")
+    prompts = list(range(len(records)))  # drawn by index: a record's columns go with its prompt
+    eval_records = read_jsonl(config.eval_prompts_file, "prompts") if config.eval_prompts_file else []
     ptx = tokenize_sft(tokenizer, read_jsonl(config.ptx_file, "sft"), config.max_prompt_length + config.max_new_tokens) \
         if config.ptx_file else []
     if config.rollout_batch_size % world or config.minibatch_size % world or len(prompts) < world or 0 < len(ptx) < world:
@@ -286,16 +280,29 @@ def train_ppo(config: PPOConfig) -> dict:
     generator = run.restore_generator("sampling", generator)
     run.metrics.setdefault("prompts", len(prompts))
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
+    sampler = Sampler(config.rollout_engine, resolve_model(config.model, config.revision), dtype=config.dtype,
+                      seed=config.seed, max_model_len=config.max_prompt_length + config.max_new_tokens + 8,
+                      gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    with run.gathered():
+        sampler.sync(policy)  # a resumed run's weights (a no-op for the native sampler)
+    select = config.select_best and bool(eval_records)
 
-    def evaluate_now():
+    def evaluate_now() -> dict:
+        value_model.eval()  # with LoRA its base weights may be the scorer
         with run.inference():
-            return evaluate(eval_prompts, tokenizer, policy, rm_tokenizer, reward_model, config, reward_bias, device,
-                            value_model)
+            result = evaluate_on_prompts([r["prompt"] for r in eval_records], columns_of(eval_records),
+                                         tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards, config=config,
+                                         end_ids=end_ids, device=device)
+        value_model.train()
+        result["eval_objective"] = result["eval_score"] - kl_coef * result["eval_kl"]
+        if select and run.keep_if_best(result["eval_objective"]):
+            result["eval_best"] = 1.0
+        return result
 
-    if eval_prompts and run.step == 0:
+    if eval_records and run.step == 0:
         first = evaluate_now()
         run.log.log(0, **first)
-        run.metrics.update({k + "_start": v for k, v in first.items()})
+        run.metrics.update({k + "_start": v for k, v in first.items() if k != "eval_best"})
 
     stream = Batches(prompts, config.rollout_batch_size, run.rng)
     if run.resumed_state("stream"):
@@ -312,8 +319,10 @@ def train_ppo(config: PPOConfig) -> dict:
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
         with run.inference():
-            batch = rollout_batch(next_prompts(), tokenizer, policy, ref, rm_tokenizer, reward_model, value_model,
-                                  config, kl_coef, reward_bias, generator, device)
+            chosen = [records[i] for i in next_prompts()]
+            batch = rollout_batch([r["prompt"] for r in chosen], tokenizer, policy, ref, None, None, value_model,
+                                  config, kl_coef, 0.0, generator, device, rewards=rewards, columns=columns_of(chosen),
+                                  sampler=sampler)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
             for rows in batched(list(range(len(batch["scores"]))), config.minibatch_size // world, run.rng):
@@ -330,6 +339,8 @@ def train_ppo(config: PPOConfig) -> dict:
                     stats.setdefault(name, []).append(sum(float(p[name]) for p in parts if name in p))
         stats = {k: distributed.all_sum(v) for k, v in stats.items()}  # the ranks' shares add up to the means
         run.end_step()
+        with run.gathered():
+            sampler.sync(policy)
         iteration = run.step
         mean_kl = distributed.mean(batch["kl"])
         if config.kl_target > 0:  # Ziegler et al.'s proportional controller on the sequence KL
@@ -338,13 +349,17 @@ def train_ppo(config: PPOConfig) -> dict:
         row = {"score": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "response_length": distributed.mean(batch["mask"].sum(-1)),
                "eos_fraction": distributed.mean(batch["ended"]), "lr": run.scheduler.get_last_lr()[0],
+               **({k: distributed.mean(v) for k, v in batch["parts"].items()} if len(batch["parts"]) > 1 else {}),
+               **{k: distributed.mean(v.reshape(1)) for k, v in batch["is_stats"].items()},
                **{k: sum(v) / len(v) for k, v in stats.items()}}
-        if eval_prompts and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
+        if sampler.sync_seconds:
+            row["weight_sync_seconds"] = sampler.sync_seconds[-1]
+        if eval_records and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
             row.update(evaluate_now())
-        if eval_prompts and iteration == config.num_iterations:
+        if eval_records and iteration == config.num_iterations:
             last = evaluate_now()
             row.update(last)
-            run.metrics.update(last)
+            run.metrics.update({k: v for k, v in last.items() if k != "eval_best"})
         if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)
         run.metrics.update(score=row["score"], kl=row["kl"], kl_coef=kl_coef)
@@ -352,7 +367,13 @@ def train_ppo(config: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
+    if select:
+        run.metrics["selected_iteration"] = run.restore_best()
+        run.metrics["selected_eval_objective"] = run.best["objective"]
     run.metrics.update(iterations=config.num_iterations, seconds=run.seconds())
+    sampler.close()
+    rewards.close()
     run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
-                extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model)})
+                extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model),
+                       "rewards": rewards.names, "selected_iteration": run.metrics.get("selected_iteration")})
     return run.metrics

@@ -232,7 +232,7 @@ def plot_report(runs: Path, report: dict, path: Path) -> Path:
     algo, name = report["algo"], ALGO_NAMES[report["algo"]]
     run = f"{algo}-1"
     if algo == "dpo":
-        third = [(f"DPO: loss", run, ["loss", "eval_loss"]), ("DPO: preference accuracy", run, ["accuracy", "eval_accuracy"])]
+        third = [("DPO: loss", run, ["loss", "eval_loss"]), ("DPO: preference accuracy", run, ["accuracy", "eval_accuracy"])]
     else:
         score = "score" if algo == "ppo" else "reward"
         third = [(f"{name}: reward-model score, gold utility (held out)", run, [score, "eval_score", "eval_task_utility"]),

@@ -152,3 +152,23 @@ def test_ppo_climbs_a_reward_model(tmp_path):
     assert after > before + 0.2, (before, after)
     metrics = read_info(tmp_path / "ppo")["metrics"]
     assert metrics["eval_score"] > metrics["eval_score_start"] + 0.3
+
+
+def test_ppo_with_a_reward_function_and_no_reward_model(models, tmp_path):
+    """PPO from a Python reward function alone: the value model starts from the policy with a
+    new value head, and the logged score is the function's mean on the rollouts."""
+    policy_dir, _ = models
+    (tmp_path / "length_reward.py").write_text(
+        "def short(prompts, completions, **columns):\n"
+        "    return [-float(len(c.split())) for c in completions]\n")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(8, seed=1))
+    out = tmp_path / "ppo"
+    assert train_main(["ppo", "--model", str(policy_dir), "--reward-fn", f"{tmp_path / 'length_reward.py'}:short",
+                       "--prompts-file", str(prompts), "--output-dir", str(out), "--num-iterations", "2",
+                       "--rollout-batch-size", "8", "--minibatch-size", "4", "--max-new-tokens", "5",
+                       "--log-dir", str(tmp_path / "log"), "--no-progress", "--device", "cpu"]) == 0
+    info = read_info(out)
+    assert info["rewards"] == ["reward_fn_short"] and info["reward_model"] is None
+    rows = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # at most 5 tokens, so at most 5 words; random tiny models say something
+        assert -5.0 <= r["score"] < 0.0 and r["is_ratio_max"] == 1.0 and r["mismatch_kl"] == 0.0

@@ -374,6 +374,6 @@ def train_ppo(config: PPOConfig) -> dict:
     sampler.close()
     rewards.close()
     run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
-                extra={"reference": str(config.ref_model or config.model), "reward_model": str(config.reward_model),
+                extra={"reference": str(config.ref_model or config.model), "reward_model": config.reward_model,
                        "rewards": rewards.names, "selected_iteration": run.metrics.get("selected_iteration")})
     return run.metrics

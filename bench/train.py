@@ -39,6 +39,9 @@ Peers. SFT: rlhfkit `train sft` vs trl.SFTTrainer (prompt/completion, loss on th
 RM: `train rm` vs trl.RewardTrainer (both start from the policy checkpoint with a scalar head).
 DPO: `train dpo` vs trl.DPOTrainer (sigmoid loss; rlhfkit scores the reference before training,
 TRL with its default precompute_ref_log_probs=False runs the reference inside every step).
+GRPO: one `train grpo` iteration (4 prompts x 2 completions of 32 tokens, the same reward model,
+kl_coef 0.05 with k3 in the loss, one optimizer step) vs the same trl.GRPOTrainer step as PPO's peer
+below: the like-for-like row of the two GRPO implementations.
 PPO: one `train ppo` iteration (8 prompts, 32 sampled tokens each, policy + reference + reward
 model + value model, one PPO epoch of one minibatch of 8 = one optimizer step) vs one
 trl.GRPOTrainer step (8 completions, 32 tokens, the same reward model, beta=0.05 so it keeps a
@@ -75,9 +78,10 @@ T0 = time.time()  # the worker's first moment after the interpreter started (see
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TRAINERS = ("sft", "rm", "dpo", "ppo")
+TRAINERS = ("sft", "rm", "dpo", "ppo", "grpo")
 RLHFKIT_CONFIG = {"sft": ("rlhfkit.training.sft", "SFTConfig"), "rm": ("rlhfkit.training.rm", "RMConfig"),
-                  "dpo": ("rlhfkit.training.dpo", "DPOConfig"), "ppo": ("rlhfkit.training.ppo", "PPOConfig")}
+                  "dpo": ("rlhfkit.training.dpo", "DPOConfig"), "ppo": ("rlhfkit.training.ppo", "PPOConfig"),
+                  "grpo": ("rlhfkit.training.critic_free", "GRPOConfig")}
 # variant -> the rlhfkit config fields it needs and the CLI flags that turn it on
 VARIANTS = {
     "base": ((), []),
@@ -96,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-trl", "bin", "python"),
                    help="interpreter of the environment with trl, peft, datasets (default: .venv-trl)")
     p.add_argument("--rlhfkit-commit", default="unknown", help="the commit the rlhfkit snapshot was made from (recorded in the JSON)")
-    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of sft,rm,dpo,ppo")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of sft,rm,dpo,ppo,grpo")
     p.add_argument("--variants", default="lora,gc", help="extra rlhfkit rows: comma-separated subset of lora,gc,lora-gc ('' for none)")
     p.add_argument("--trl-extras", action="store_true", help="also run the lora and gc variants on the TRL side")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps (PPO/GRPO: iterations) per run")
@@ -250,7 +254,9 @@ def main(argv=None) -> int:
                                                      "completion_tokens", "ppo_prompt_tokens", "ppo_new_tokens")},
         "peers": {"sft": "trl.SFTTrainer", "rm": "trl.RewardTrainer", "dpo": "trl.DPOTrainer",
                   "ppo": "trl.GRPOTrainer (TRL %s has no PPOTrainer; GRPO with the same reward model, beta=0.05, "
-                         "8 completions of 32 tokens per step)" % "1.x"},
+                         "8 completions of 32 tokens per step)" % "1.x",
+                  "grpo": "trl.GRPOTrainer (the same reward model, 4 prompts x 2 completions of 32 tokens per step, "
+                          "beta=0.05, one optimizer step per iteration)"},
     }
 
     # 2. the rows, alternated: for each repeat and trainer, rlhfkit then TRL, then the extra variants
@@ -621,6 +627,11 @@ def run_rlhfkit(spec: dict) -> dict:
         argv = ["rm", "--model", f["policy"], "--train-file", f["prefs"], "--batch-size", str(bs), "--max-steps", str(n)]
     elif trainer == "dpo":
         argv = ["dpo", "--model", f["policy"], "--train-file", f["prefs"], "--batch-size", str(bs), "--max-steps", str(n)]
+    elif trainer == "grpo":  # TRL's GRPO step: batch_size completions, num_generations=2, one optimizer step
+        argv = ["grpo", "--model", f["policy"], "--reward-model", f["reward"], "--prompts-file", f["prompts"],
+                "--num-iterations", str(n), "--prompts-per-iteration", str(bs // 2), "--num-generations", "2",
+                "--ppo-epochs", "1", "--kl-coef", "0.05", "--max-new-tokens", str(spec["ppo_new_tokens"]),
+                "--max-prompt-length", str(spec["ppo_prompt_tokens"])]
     else:
         argv = ["ppo", "--model", f["policy"], "--reward-model", f["reward"], "--prompts-file", f["prompts"],
                 "--num-iterations", str(n), "--rollout-batch-size", str(bs), "--minibatch-size", str(bs),

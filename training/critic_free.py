@@ -39,16 +39,17 @@ from . import distributed
 from .checkpoint import read_info
 from .common import TrainConfig
 from .data import read_jsonl
-from .losses import (IS_LEVELS, KL_PENALTIES, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss_per_token,
+from .losses import (KL_PENALTIES, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss_per_token,
                      group_advantages, kl_penalty, masked_mean, rloo_advantages, truncated_importance_weights)
 from .rewards import RewardOptions, Rewards, columns_of
-from .rollouts import ROLLOUT_ENGINES, Sampler, evaluate_on_prompts, frozen, sequence_kl
+from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
+                       held_out_evaluation, sequence_kl)
 from .sequences import decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of
-from .skeleton import Batches, LossModule, Run
+from .skeleton import LossModule, Run
 
 
 @dataclass(kw_only=True)
-class CriticFreeConfig(RewardOptions, TrainConfig):
+class CriticFreeConfig(RLOptions, RewardOptions, TrainConfig):
     """What GRPO and RLOO share. A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates)."""
 
     model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
@@ -61,46 +62,21 @@ class CriticFreeConfig(RewardOptions, TrainConfig):
     num_generations: int = field(default=8, metadata={"help": "samples per prompt, G (the group of its baseline)"})
     minibatch_size: int = field(default=0, metadata={"help": "responses per gradient step, whole groups (over all processes; 0: the whole rollout)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (1: on-policy, the ratio stays 1 but for the importance correction)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=128, metadata={"help": "prompts longer than this keep their last tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (and of their log-probs)"})
     clip_range: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
     kl_coef: float = field(default=0.04, metadata={"help": "beta, the weight of the KL to the reference (0: no reference model is loaded)"})
     kl_estimator: Literal["k1", "k2", "k3", "k3_unbiased"] = field(default="k3", metadata={"help": "per-token KL estimator: in the loss k2, k3 (GRPO) or k3_unbiased (importance-weighted, unbiased gradient); in the reward k1, k2 or k3 (no gradient flows)"})
     kl_in: Literal["loss", "reward"] = field(default="loss", metadata={"help": "where the KL goes: a loss term (GRPO) or subtracted from each response's reward before the advantages (RLOO, PPO)"})
-    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller: the sequence KL per response to hold (0: fixed kl_coef)"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon, in responses"})
     loss_aggregation: Literal["token-mean", "sequence-mean", "token-sum"] = field(default="token-mean", metadata={"help": "token-mean (DAPO), sequence-mean (GRPO's paper) or token-sum over max_new_tokens per response (Dr. GRPO)"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of responses cut off without an end token"})
-    rollout_engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "native: the policy samples (as the server does); vllm: an in-process vLLM updated from the trainer after every iteration (README: the vLLM engine)"})
-    vllm_gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vLLM rollouts: the fraction of GPU memory (of RAM on CPU) vLLM reserves"})
-    is_cap: float = field(default=2.0, metadata={"help": "truncated importance sampling: cap of π_trainer_old / π_behaviour when another engine sampled"})
-    is_level: Literal["token", "sequence"] = field(default="token", metadata={"help": "importance ratio per token or per sequence (the product of its tokens')"})
-    select_best: bool = field(default=True, metadata={"help": "with --eval-prompts-file, publish the evaluated policy with the best held-out reward - kl_coef * KL"})
-    eval_batch_size: int = field(default=64, metadata={"help": "held-out prompts per evaluation forward"})
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of iterations of linear warmup"})
-    min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to this fraction of the peak LR (1: constant)"})
-    log_every: int = field(default=1, metadata={"help": "log every N iterations"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: only at the end); with --eval-prompts-file also before the first"})
     micro_batch_size: int = field(default=0, metadata={"help": "responses per forward/backward in each process, gradients accumulated up to --minibatch-size (0: all at once)"})
-    # TrainConfig's batching does not apply: batches are prompts_per_iteration × num_generations
-    # responses, the length limits max_prompt_length + max_new_tokens.
-    max_length: int = field(default=256, init=False, metadata={"cli": False})
-    batch_size: int = field(default=16, init=False, metadata={"cli": False})
-    num_epochs: float = field(default=1.0, init=False, metadata={"cli": False})
-    max_steps: int = field(default=0, init=False, metadata={"cli": False})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_iterations", "prompts_per_iteration", "num_generations", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_length", "eval_batch_size"):
+        for name in ("num_iterations", "prompts_per_iteration", "num_generations", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (the group is the baseline), got {self.num_generations}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (policy gradients need a sampling distribution), got {self.temperature}")
         if self.minibatch_size < 0 or self.minibatch_size % self.num_generations:
             raise ValueError(f"minibatch_size must be 0 (the whole rollout) or a multiple of num_generations "
                              f"({self.num_generations}), got {self.minibatch_size}")
@@ -116,14 +92,6 @@ class CriticFreeConfig(RewardOptions, TrainConfig):
                              "or k3 with --kl-in reward")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
-        if self.rollout_engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
-        if self.is_cap < 1:
-            raise ValueError(f"is_cap must be >= 1 (a cap below 1 shrinks every weight), got {self.is_cap}")
-        if self.is_level not in IS_LEVELS:
-            raise ValueError(f"is_level must be one of {IS_LEVELS}, got {self.is_level!r}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
     def total_steps(self, n_examples: int = 0) -> int:
         return self.num_iterations
@@ -263,14 +231,8 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
     select = config.select_best and bool(eval_records)
 
     def evaluate_now(row: dict) -> None:
-        with run.inference():
-            result = evaluate_on_prompts([r["prompt"] for r in eval_records], columns_of(eval_records),
-                                         tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards, config=config,
-                                         end_ids=end_ids, device=device)
-        result["eval_objective"] = result["eval_score"] - kl_coef * result["eval_kl"]
-        if select and run.keep_if_best(result["eval_objective"]):
-            result["eval_best"] = 1.0
-        row.update(result)
+        row.update(held_out_evaluation(run, eval_records, kl_coef, select=select, tokenizer=tokenizer, policy=policy,
+                                       ref=ref, rewards=rewards, config=config, end_ids=end_ids, device=device))
 
     if eval_records and run.step == 0:
         first: dict = {}
@@ -278,22 +240,12 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
         run.log.log(0, **first)
         run.metrics.update({k + "_start": v for k, v in first.items() if k != "eval_best"})
 
-    stream = Batches(records, config.prompts_per_iteration, run.rng)
-    if run.resumed_state("stream"):
-        stream.load_state_dict(run.resumed_state("stream"))
-
-    def next_records() -> list:
-        while True:
-            chunk = next(stream)
-            chunk = chunk[:len(chunk) - len(chunk) % world]
-            if chunk:
-                return distributed.shard(chunk)
-
+    stream = PromptStream(run, records, config.prompts_per_iteration)
     bar = tqdm(total=config.num_iterations, initial=run.step, desc=stage,
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
         with run.inference():
-            batch = rollout(next_records(), tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards,
+            batch = rollout(next(stream), tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards,
                             sampler=sampler, config=config, advantages_of=advantages_of, kl_coef=kl_coef,
                             generator=generator, device=device)
         G = config.num_generations
@@ -316,9 +268,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
             sampler.sync(policy)
         iteration = run.step
         mean_kl = distributed.mean(batch["kl"])
-        if config.kl_target > 0:  # Ziegler et al.'s proportional controller on the sequence KL
-            error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
-            kl_coef *= 1 + error * len(batch["scores"]) * world / config.kl_horizon
+        kl_coef = adapted_kl_coef(kl_coef, mean_kl, config, len(batch["scores"]) * world)
         row = {"reward": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "reward_std_in_group": distributed.mean(batch["scores"].view(-1, G).std(-1)),
                "response_length": distributed.mean(batch["mask"].sum(-1).float()),
@@ -340,12 +290,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
-    if select:
-        run.metrics["selected_iteration"] = run.restore_best()
-        run.metrics["selected_eval_objective"] = run.best["objective"]
-    run.metrics.update(iterations=config.num_iterations, seconds=run.seconds())
-    sampler.close()
-    rewards.close()
+    end_rl_run(run, sampler, rewards, select)
     run.publish(policy, tokenizer, data_files=[config.prompts_file],
                 extra={"reference": str(config.ref_model or config.model), "rewards": rewards.names,
                        "selected_iteration": run.metrics.get("selected_iteration")})

@@ -44,17 +44,18 @@ from . import distributed
 from .checkpoint import read_info
 from .common import TrainConfig, batched
 from .data import read_jsonl
-from .losses import (IS_LEVELS, clipped_policy_loss_per_token, gae, masked_mean, ppo_value_loss,
+from .losses import (clipped_policy_loss_per_token, gae, masked_mean, ppo_value_loss,
                      truncated_importance_weights, whiten)
 from .rewards import RewardOptions, Rewards, columns_of
-from .rollouts import ROLLOUT_ENGINES, Sampler, evaluate_on_prompts, frozen
+from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
+                       held_out_evaluation)
 from .sequences import (collate, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of,
                         response_values, sft_loss, tokenize_sft, trained_tokens)
-from .skeleton import Batches, LossModule, Run
+from .skeleton import LossModule, Run
 
 
 @dataclass(kw_only=True)
-class PPOConfig(RewardOptions, TrainConfig):
+class PPOConfig(RLOptions, RewardOptions, TrainConfig):
     """Optimise a policy against a reward model with PPO, a KL penalty to the reference and optional PPO-ptx.
 
     A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates):
@@ -76,14 +77,8 @@ class PPOConfig(RewardOptions, TrainConfig):
     rollout_batch_size: int = field(default=32, metadata={"help": "prompts per rollout (over all processes under torchrun)"})
     minibatch_size: int = field(default=8, metadata={"help": "rollouts per gradient step (over all processes under torchrun)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
-    max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=128, metadata={"help": "prompts longer than this keep their last tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (and of their log-probs)"})
     kl_coef: float = field(default=0.05, metadata={"help": "initial weight of the per-token KL penalty"})
     kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": "per-token KL estimate in the reward"})
-    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller target per sequence (0: fixed kl_coef)"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon, in rollouts"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of responses cut off without EOS"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     clip_range: float = field(default=0.2, metadata={"help": "policy ratio clip"})
@@ -92,43 +87,18 @@ class PPOConfig(RewardOptions, TrainConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW), policy and value"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW's epsilon"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of iterations of linear warmup"})
-    min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to this fraction of the peak LR (1: constant)"})
-    log_every: int = field(default=1, metadata={"help": "log every N iterations"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: only at the end); with --eval-prompts-file also before the first"})
     seed: int = field(default=0, metadata={"help": "random seed (prompt order, sampling)"})
     micro_batch_size: int = field(default=0, metadata={"help": "rollouts per forward/backward in each process, gradients accumulated up to --minibatch-size (0: the whole minibatch at once)"})
-    rollout_engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "native: the policy samples (as the server does); vllm: an in-process vLLM updated from the trainer after every iteration (README: the vLLM engine)"})
-    vllm_gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vLLM rollouts: the fraction of GPU memory (of RAM on CPU) vLLM reserves"})
-    is_cap: float = field(default=2.0, metadata={"help": "truncated importance sampling: cap of π_trainer_old / π_behaviour when another engine sampled"})
-    is_level: Literal["token", "sequence"] = field(default="token", metadata={"help": "importance ratio per token or per sequence (the product of its tokens')"})
-    select_best: bool = field(default=True, metadata={"help": "with --eval-prompts-file, publish the evaluated policy with the best held-out reward - kl_coef * KL"})
-    eval_batch_size: int = field(default=64, metadata={"help": "held-out prompts per evaluation forward"})
-    # TrainConfig's batching does not apply: PPO's batches are rollout_batch_size prompts
-    # and minibatch_size rollouts, its length limits max_prompt_length + max_new_tokens.
-    max_length: int = field(default=256, init=False, metadata={"cli": False})
-    batch_size: int = field(default=16, init=False, metadata={"cli": False})
-    num_epochs: float = field(default=1.0, init=False, metadata={"cli": False})
-    max_steps: int = field(default=0, init=False, metadata={"cli": False})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_length"):
+        for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (PPO needs a sampling distribution), got {self.temperature}")
         if self.ptx_coef > 0 and not self.ptx_file:
             raise ValueError("ptx_coef > 0 needs --ptx-file")
         if not 0 < self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError("gamma and lam must be in (0, 1]")
-        if self.rollout_engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
-        if self.is_cap < 1 or self.is_level not in IS_LEVELS:
-            raise ValueError(f"is_cap must be >= 1 and is_level one of {IS_LEVELS}, got {self.is_cap}, {self.is_level!r}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
     def total_steps(self, n_examples: int = 0) -> int:
         return self.num_iterations
@@ -268,17 +238,16 @@ def train_ppo(config: PPOConfig) -> dict:
     end_ids = end_token_ids(tokenizer, policy.generation_config)
 
     records = read_jsonl(config.prompts_file, "prompts")
-    prompts = list(range(len(records)))  # drawn by index: a record's columns go with its prompt
     eval_records = read_jsonl(config.eval_prompts_file, "prompts") if config.eval_prompts_file else []
     ptx = tokenize_sft(tokenizer, read_jsonl(config.ptx_file, "sft"), config.max_prompt_length + config.max_new_tokens) \
         if config.ptx_file else []
-    if config.rollout_batch_size % world or config.minibatch_size % world or len(prompts) < world or 0 < len(ptx) < world:
+    if config.rollout_batch_size % world or config.minibatch_size % world or len(records) < world or 0 < len(ptx) < world:
         raise ValueError(f"with {world} processes, rollout_batch_size and minibatch_size must be multiples of {world}, "
                          f"and the prompts (and ptx demonstrations) at least {world}")
     run.prepare(LossModule(partial(micro_loss, config=config, pad_id=pad_id, device=device), policy=policy,
                            value=value_model), config.num_iterations)
     generator = run.restore_generator("sampling", generator)
-    run.metrics.setdefault("prompts", len(prompts))
+    run.metrics.setdefault("prompts", len(records))
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
     sampler = Sampler(config.rollout_engine, resolve_model(config.model, config.revision), dtype=config.dtype,
                       seed=config.seed, max_model_len=config.max_prompt_length + config.max_new_tokens + 8,
@@ -289,14 +258,9 @@ def train_ppo(config: PPOConfig) -> dict:
 
     def evaluate_now() -> dict:
         value_model.eval()  # with LoRA its base weights may be the scorer
-        with run.inference():
-            result = evaluate_on_prompts([r["prompt"] for r in eval_records], columns_of(eval_records),
-                                         tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards, config=config,
-                                         end_ids=end_ids, device=device)
+        result = held_out_evaluation(run, eval_records, kl_coef, select=select, tokenizer=tokenizer, policy=policy,
+                                     ref=ref, rewards=rewards, config=config, end_ids=end_ids, device=device)
         value_model.train()
-        result["eval_objective"] = result["eval_score"] - kl_coef * result["eval_kl"]
-        if select and run.keep_if_best(result["eval_objective"]):
-            result["eval_best"] = 1.0
         return result
 
     if eval_records and run.step == 0:
@@ -304,22 +268,12 @@ def train_ppo(config: PPOConfig) -> dict:
         run.log.log(0, **first)
         run.metrics.update({k + "_start": v for k, v in first.items() if k != "eval_best"})
 
-    stream = Batches(prompts, config.rollout_batch_size, run.rng)
-    if run.resumed_state("stream"):
-        stream.load_state_dict(run.resumed_state("stream"))
-
-    def next_prompts() -> list:
-        while True:
-            chunk = next(stream)
-            chunk = chunk[:len(chunk) - len(chunk) % world]  # as many prompts for every rank
-            if chunk:
-                return distributed.shard(chunk)
-
+    stream = PromptStream(run, list(range(len(records))), config.rollout_batch_size)  # by index: columns follow
     bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
                disable=not config.progress or not distributed.is_main())
     while run.step < config.num_iterations:
         with run.inference():
-            chosen = [records[i] for i in next_prompts()]
+            chosen = [records[i] for i in next(stream)]
             batch = rollout_batch([r["prompt"] for r in chosen], tokenizer, policy, ref, None, None, value_model,
                                   config, kl_coef, 0.0, generator, device, rewards=rewards, columns=columns_of(chosen),
                                   sampler=sampler)
@@ -343,9 +297,7 @@ def train_ppo(config: PPOConfig) -> dict:
             sampler.sync(policy)
         iteration = run.step
         mean_kl = distributed.mean(batch["kl"])
-        if config.kl_target > 0:  # Ziegler et al.'s proportional controller on the sequence KL
-            error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
-            kl_coef *= 1 + error * len(batch["scores"]) * world / config.kl_horizon
+        kl_coef = adapted_kl_coef(kl_coef, mean_kl, config, len(batch["scores"]) * world)
         row = {"score": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "response_length": distributed.mean(batch["mask"].sum(-1)),
                "eos_fraction": distributed.mean(batch["ended"]), "lr": run.scheduler.get_last_lr()[0],
@@ -367,12 +319,7 @@ def train_ppo(config: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{mean_kl:.3f}")
     bar.close()
-    if select:
-        run.metrics["selected_iteration"] = run.restore_best()
-        run.metrics["selected_eval_objective"] = run.best["objective"]
-    run.metrics.update(iterations=config.num_iterations, seconds=run.seconds())
-    sampler.close()
-    rewards.close()
+    end_rl_run(run, sampler, rewards, select)
     run.publish(policy, tokenizer, data_files=[config.prompts_file] + ([config.ptx_file] if config.ptx_file else []),
                 extra={"reference": str(config.ref_model or config.model), "reward_model": config.reward_model,
                        "rewards": rewards.names, "selected_iteration": run.metrics.get("selected_iteration")})

@@ -8,6 +8,8 @@ bundled task's gold utility where the prompts are the task's).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -15,9 +17,62 @@ from rlhfkit.chat import prompt_ids
 
 from . import distributed, task
 from .common import batched
+from .losses import IS_LEVELS
+from .rewards import columns_of
+from .skeleton import Batches
 from .sequences import decode_responses, generate, pad_id_of, response_logprobs, response_mask_of
 
 ROLLOUT_ENGINES = ("native", "vllm")
+
+
+@dataclass(kw_only=True)
+class RLOptions:
+    """What the RL trainers (PPO, GRPO, RLOO) share: the rollouts (length, temperature, the
+    engine that samples them and the importance correction when it is not the trainer's own
+    model), the KL controller, held-out checkpoint selection, and an RL run's schedule (a
+    step is one iteration)."""
+
+    max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
+    max_prompt_length: int = field(default=128, metadata={"help": "prompts longer than this keep their last tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (and of their log-probs)"})
+    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of responses cut off without an end token"})
+    kl_target: float = field(default=0.0, metadata={"help": "adaptive KL controller (Ziegler et al.): the sequence KL per response to hold (0: a fixed kl_coef)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon, in responses"})
+    rollout_engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "native: the policy samples (as the server does); vllm: an in-process vLLM updated from the trainer after every iteration (README: the vLLM engine)"})
+    vllm_gpu_memory_utilization: float = field(default=0.2, metadata={"help": "vLLM rollouts: the fraction of GPU memory (of RAM on CPU) vLLM reserves"})
+    is_cap: float = field(default=2.0, metadata={"help": "truncated importance sampling: cap of π_trainer_old / π_behaviour when another engine sampled"})
+    is_level: Literal["token", "sequence"] = field(default="token", metadata={"help": "importance ratio per token or per sequence (the product of its tokens')"})
+    select_best: bool = field(default=True, metadata={"help": "with --eval-prompts-file, publish the evaluated policy with the best held-out reward - kl_coef * KL"})
+    eval_batch_size: int = field(default=64, metadata={"help": "held-out prompts per evaluation forward"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of iterations of linear warmup"})
+    min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to this fraction of the peak LR (1: constant)"})
+    log_every: int = field(default=1, metadata={"help": "log every N iterations"})
+    eval_every: int = field(default=0, metadata={"help": "eval every N iterations (0: only at the end); with --eval-prompts-file also before the first"})
+    # TrainConfig's batching does not apply: RL batches are rollouts, their length limits
+    # max_prompt_length + max_new_tokens.
+    max_length: int = field(default=256, init=False, metadata={"cli": False})
+    batch_size: int = field(default=16, init=False, metadata={"cli": False})
+    num_epochs: float = field(default=1.0, init=False, metadata={"cli": False})
+    max_steps: int = field(default=0, init=False, metadata={"cli": False})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_new_tokens", "max_prompt_length", "eval_batch_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (policy gradients need a sampling distribution), got "
+                             f"{self.temperature}")
+        if self.kl_target < 0:
+            raise ValueError(f"kl_target must be >= 0 (0: a fixed kl_coef), got {self.kl_target}")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {self.rollout_engine!r}")
+        if self.is_cap < 1:
+            raise ValueError(f"is_cap must be >= 1 (a cap below 1 shrinks every weight), got {self.is_cap}")
+        if self.is_level not in IS_LEVELS:
+            raise ValueError(f"is_level must be one of {IS_LEVELS}, got {self.is_level!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
 
 @contextlib.contextmanager
@@ -124,3 +179,57 @@ def evaluate_on_prompts(prompts: list, columns: dict[str, list], *, tokenizer, p
     if n_utilities == n:
         result["eval_task_utility"] = utility_sum / n_utilities
     return result
+
+
+def held_out_evaluation(run, records: list[dict], kl_coef: float, *, select: bool, **kwargs) -> dict:
+    """evaluate_on_prompts on the held-out `records` (kwargs: its own), plus the objective
+    the run optimises, eval_score - kl_coef * eval_kl; with `select`, the run keeps the
+    weights whose objective is the best so far (eval_best: 1 in the result when these are)."""
+    with run.inference():
+        result = evaluate_on_prompts([r["prompt"] for r in records], columns_of(records), **kwargs)
+    result["eval_objective"] = result["eval_score"] - kl_coef * result["eval_kl"]
+    if select and run.keep_if_best(result["eval_objective"]):
+        result["eval_best"] = 1.0
+    return result
+
+
+class PromptStream:
+    """The prompts of each iteration, `per_iteration` at a time over every rank, shuffled
+    epoch after epoch; next() is this rank's share (a short last batch trimmed so every
+    rank gets as many). Resumes where a save left it (state_dict)."""
+
+    def __init__(self, run, items: list, per_iteration: int):
+        self.batches = Batches(items, per_iteration, run.rng)
+        if run.resumed_state("stream"):
+            self.batches.load_state_dict(run.resumed_state("stream"))
+
+    def __next__(self) -> list:
+        world = distributed.world_size()
+        while True:
+            chunk = next(self.batches)
+            chunk = chunk[:len(chunk) - len(chunk) % world]
+            if chunk:
+                return distributed.shard(chunk)
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+
+def adapted_kl_coef(kl_coef: float, mean_kl: float, config, responses: int) -> float:
+    """Ziegler et al.'s proportional controller: move kl_coef toward holding the sequence KL
+    at config.kl_target (a no-op without one), by at most 20% of the error per horizon."""
+    if config.kl_target <= 0:
+        return kl_coef
+    error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
+    return kl_coef * (1 + error * responses / config.kl_horizon)
+
+
+def end_rl_run(run, sampler: Sampler, rewards, select: bool) -> None:
+    """Put the selected weights back (with `select`), record the run's totals, free the
+    rollout engine and the reward sources; publishing comes next."""
+    if select:
+        run.metrics["selected_iteration"] = run.restore_best()
+        run.metrics["selected_eval_objective"] = run.best["objective"]
+    run.metrics.update(iterations=run.config.num_iterations, seconds=run.seconds())
+    sampler.close()
+    rewards.close()

@@ -71,6 +71,9 @@ class RLOptions:
             raise ValueError(f"is_cap must be >= 1 (a cap below 1 shrinks every weight), got {self.is_cap}")
         if self.is_level not in IS_LEVELS:
             raise ValueError(f"is_level must be one of {IS_LEVELS}, got {self.is_level!r}")
+        if self.rollout_engine == "vllm" and self.fsdp:
+            raise ValueError("--rollout-engine vllm with --fsdp is not supported: vLLM takes whole weights, use data "
+                             "parallelism (torchrun without --fsdp) or the native sampler")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 

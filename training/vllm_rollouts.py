@@ -64,6 +64,8 @@ def hf_named_weights(model):
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
             adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if any(module.use_dora.get(a) for a in adapters):  # its merged weight is not base + delta
+                raise NotImplementedError(f"{name}: DoRA adapters are not supported by load_weights")
             if adapters:
                 deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in adapters)
     active = model.active_adapter

@@ -137,9 +137,37 @@ def test_label_ranks_the_policys_own_samples(tmp_path):
         assert u == sorted(u, reverse=True)  # a noiseless annotator ranks by utility
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_quickstart_with_a_critic_free_algorithm(tmp_path, capsys, algo):
+    """--algo grpo|rloo: the policy published as ALGO-1 takes the policy role, the report
+    judges it against SFT, and its over-optimisation curves come from the run's evaluations."""
+    out = tmp_path / "qs"
+    assert cli_main(["quickstart", "--out", str(out), "--algo", algo, "--hidden-size", "32", "--num-layers", "1",
+                     "--sft-steps", "3", "--critic-free-iterations", "4", "--rl-evals", "2", "--batch-size", "16",
+                     "--n-sft", "48", "--n-pairs", "16", "--n-prompts", "16", "--n-eval", "6", "--eval-samples", "2",
+                     "--device", "cpu", "--no-progress", "--format", "text"]) == 0
+    store = out / "store"
+    info = read_info(store / f"{algo}-1")
+    assert info["stage"] == algo and info["parent"] == str(store / "sft-1")
+    assert json.loads((store / "roles.json").read_text())["policy"] == f"{algo}-1"
+    report = json.loads((out / "report.json").read_text())
+    assert report["algo"] == algo and report["win_rate_vs_sft"] == report[f"win_rate_{algo}_vs_sft"]
+    result = report["comparisons_vs_sft"][algo]
+    assert result["wins"] + result["ties"] + result["losses"] == result["pairs"] == 6 * 2
+    assert report["stage_seconds"][algo] > 0 and report["peak_rss_mib"] > 0 and report["cpu"]
+    rows = [json.loads(line) for line in (out / "runs" / f"{algo}-1" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "eval_kl" in r]
+    assert evals == [0, 2, 4]  # before the first iteration, every 4 // 2, and at the end
+    assert report["selected_iteration"] in evals
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{100 * report['win_rate_vs_sft']:.1f}%" in (out / "report.md").read_text()
+
+
 def test_quickstart_rejects_bad_options_by_name(tmp_path, capsys):
     for flag, value, message in (("--k", "1", "k must be >= 2"), ("--chatter-rate", "1.5", "chatter_rate must be in [0, 1]"),
-                                 ("--ppo-iterations", "0", "ppo_iterations must be >= 1")):
+                                 ("--ppo-iterations", "0", "ppo_iterations must be >= 1"),
+                                 ("--num-generations", "3", "num_generations must be >= 2 and divide batch_size (32)"),
+                                 ("--algo", "sac", "invalid choice: 'sac'")):
         with pytest.raises(SystemExit) as info:
             cli_main(["quickstart", "--out", str(tmp_path / "qs"), flag, value])
         assert info.value.code == 2 and message in capsys.readouterr().err

@@ -31,7 +31,7 @@ def worker(algo: str, quickstart: Path, out: Path) -> int:
     saved = json.loads((quickstart / "report.json").read_text())["config"]
     config = QuickstartConfig(**{**saved, "out": str(quickstart), "progress": False})
     files = {"prompts": str(quickstart / "data" / "prompts.jsonl"),
-             "prompts_eval": str(quickstart / "data" / "prompts_eval.jsonl")}
+             "prompts_select": str(quickstart / "data" / "prompts_select.jsonl")}
     train, rl_config = rl_stage(config, algo, quickstart / "store", files, out / "runs", output_dir=out / algo)
     metrics = train(rl_config)
     (out / "metrics.json").write_text(json.dumps(metrics, default=str))

@@ -194,3 +194,29 @@ def test_bad_reward_functions_say_what_is_wrong(setup, tmp_path, capsys):
         train_main(["grpo", "--model", str(setup["policy"]), "--prompts-file", str(setup["prompts"]),
                     "--output-dir", str(tmp_path / "x")])
     assert "no reward source: give --reward-model, --reward-server or --reward-fn" in capsys.readouterr().err
+
+
+def test_rewards_of_several_sources_add_up_with_their_weights(tmp_path):
+    """Two functions of one name (in two files) are two sources, each with its weight."""
+    from rlhfkit.training.rewards import Rewards
+
+    (tmp_path / "one.py").write_text("def reward(prompts, completions, **columns):\n    return [1.0] * len(prompts)\n")
+    (tmp_path / "ten.py").write_text("def reward(prompts, completions, **columns):\n    return [10.0] * len(prompts)\n")
+
+    options = GRPOConfig(model="m", prompts_file="p", output_dir="o",
+                         reward_fn=[f"{tmp_path / 'one.py'}:reward", f"{tmp_path / 'ten.py'}:reward"],
+                         reward_weights=[2.0, -0.5])
+    rewards = Rewards(options)
+    total, parts = rewards(["a", "b"], ["x", "y"])
+    assert rewards.names == ["reward_fn_reward", "reward_fn_reward_2"]
+    assert total.tolist() == [2.0 * 1 - 0.5 * 10] * 2 and parts["reward_fn_reward_2"].tolist() == [10.0, 10.0]
+
+
+def test_no_kl_term_still_evaluates_the_kl(setup, tmp_path):
+    """kl_coef 0 trains without a KL term, and the held-out evaluation still reads the KL to
+    the reference (checkpoint selection and the over-optimisation curves need it)."""
+    metrics = train_rloo(RLOOConfig(**args(setup, tmp_path, reward_model=str(setup["reward"]), kl_coef=0.0,
+                                           eval_prompts_file=str(setup["eval"]))))
+    assert metrics["eval_kl_start"] == 0.0 and metrics["final_eval_kl"] != 0.0
+    rows = log_rows(tmp_path)
+    assert all("kl_loss" not in r for r in rows)

@@ -41,10 +41,10 @@ from .common import TrainConfig
 from .data import read_jsonl
 from .losses import (KL_PENALTIES, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss_per_token,
                      group_advantages, kl_penalty, masked_mean, rloo_advantages, truncated_importance_weights)
-from .rewards import RewardOptions, Rewards, columns_of
+from .rewards import RewardOptions, Rewards, column_names, columns_of
 from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
-                       held_out_evaluation, sequence_kl)
-from .sequences import decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of
+                       held_out_evaluation, is_statistics, sequence_kl)
+from .sequences import disable_dropout, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of
 from .skeleton import LossModule, Run
 
 
@@ -122,8 +122,10 @@ def _load(run: Run, config: CriticFreeConfig):
     model = resolve_model(config.model, config.revision)
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = run.load(AutoModelForCausalLM, model)
+    disable_dropout(policy)
     ref = None  # None: no KL term, or LoRA's adapter disabled
-    if config.kl_coef > 0 and (config.ref_model or not config.lora_r):
+    # the reference: for the KL term, and for the held-out KL that checkpoint selection reads
+    if (config.kl_coef > 0 or config.eval_prompts_file) and (config.ref_model or not config.lora_r):
         ref = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model,
                        trainable=False)
     reward_model = rm_tokenizer = None
@@ -139,7 +141,7 @@ def _load(run: Run, config: CriticFreeConfig):
 
 @torch.no_grad()
 def rollout(records, *, tokenizer, policy, ref, rewards, sampler, config, advantages_of, kl_coef, generator,
-            device) -> dict:
+            device, column_names: list[str]) -> dict:
     """G samples per prompt of `records`, their log-probs, rewards and advantages."""
     G = config.num_generations
     end_ids = end_token_ids(tokenizer, policy.generation_config)
@@ -158,7 +160,7 @@ def rollout(records, *, tokenizer, policy, ref, rewards, sampler, config, advant
             ref_logprobs = response_logprobs(reference, prompts, prompt_mask, responses, mask, config.temperature)
     policy.train()
     texts = decode_responses(tokenizer, responses, mask)
-    columns = {k: [v for v in values for _ in range(G)] for k, values in columns_of(records).items()}
+    columns = {k: [v for v in values for _ in range(G)] for k, values in columns_of(records, column_names).items()}
     scores, parts = rewards([p for p in prompts_in for _ in range(G)], texts, columns, device)
     ended = torch.isin(responses, end_id_tensor(end_ids, device)).any(-1)
     scores = scores - config.missing_eos_penalty * (~ended).float()
@@ -188,7 +190,8 @@ def micro_loss(rows, context, *, policy, config: CriticFreeConfig, device):
     per_token = pg * mb["is_weights"]
     kl_term = None
     if config.kl_in == "loss" and kl_coef > 0:
-        kl_term = kl_penalty(logprobs, mb["ref_logprobs"], mb["old_logprobs"], config.kl_estimator)
+        # weighted like the policy term: samples from another engine make π_old a proposal too
+        kl_term = kl_penalty(logprobs, mb["ref_logprobs"], mb["old_logprobs"], config.kl_estimator) * mb["is_weights"]
         per_token = per_token + kl_coef * kl_term
     agg = partial(aggregate_loss, mask=mb["mask"], aggregation=config.loss_aggregation,
                   max_new_tokens=config.max_new_tokens, n_sequences=context["sequences"], n_tokens=context["tokens"])
@@ -210,6 +213,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
     tokenizer, policy, ref, rewards = _load(run, config)
     end_ids = end_token_ids(tokenizer, policy.generation_config)
     records = read_jsonl(config.prompts_file, "prompts")
+    names = column_names(records)
     eval_records = read_jsonl(config.eval_prompts_file, "prompts") if config.eval_prompts_file else []
     if config.prompts_per_iteration % world or len(records) < world:
         raise ValueError(f"with {world} processes, prompts_per_iteration must be a multiple of {world} and the "
@@ -231,8 +235,8 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
     select = config.select_best and bool(eval_records)
 
     def evaluate_now(row: dict) -> None:
-        row.update(held_out_evaluation(run, eval_records, kl_coef, select=select, tokenizer=tokenizer, policy=policy,
-                                       ref=ref, rewards=rewards, config=config, end_ids=end_ids, device=device))
+        row.update(held_out_evaluation(run, eval_records, select=select, tokenizer=tokenizer, policy=policy, ref=ref,
+                                       rewards=rewards, config=config, end_ids=end_ids, device=device))
 
     if eval_records and run.step == 0:
         first: dict = {}
@@ -247,7 +251,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
         with run.inference():
             batch = rollout(next(stream), tokenizer=tokenizer, policy=policy, ref=ref, rewards=rewards,
                             sampler=sampler, config=config, advantages_of=advantages_of, kl_coef=kl_coef,
-                            generator=generator, device=device)
+                            generator=generator, device=device, column_names=names)
         G = config.num_generations
         groups = list(range(len(batch["scores"]) // G))
         stats: dict[str, list[float]] = {}
@@ -275,7 +279,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
                "eos_fraction": distributed.mean(batch["ended"].float()), "lr": run.scheduler.get_last_lr()[0],
                "grad_norm": sum(grad_norms) / len(grad_norms),
                **{k: distributed.mean(v) for k, v in batch["parts"].items()},
-               **{k: distributed.mean(v.reshape(1)) for k, v in batch["is_stats"].items()},
+               **is_statistics(batch["is_stats"], batch["mask"]),
                **{k: sum(v) / len(v) for k, v in stats.items()}}
         if sampler.sync_seconds:
             row["weight_sync_seconds"] = sampler.sync_seconds[-1]
@@ -284,8 +288,7 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
             evaluate_now(row)
         if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)
-        run.metrics.update(reward=row["reward"], kl=mean_kl, kl_coef=kl_coef,
-                           **{k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_best"})
+        run.metrics.update(reward=row["reward"], kl=mean_kl, kl_coef=kl_coef)
         run.maybe_save(stream=stream.state_dict(), kl_coef=kl_coef, generators={"sampling": generator})
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{mean_kl:.3f}")

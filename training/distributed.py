@@ -140,6 +140,15 @@ def all_sum(values: list) -> list[float]:
     return values
 
 
+def all_max(value: float) -> float:
+    """The maximum over ranks of a number."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def mean(x: torch.Tensor) -> float:
     """The mean of every rank's entries of `x` (x.mean() in one process)."""
     if not dist.is_initialized():

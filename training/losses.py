@@ -244,7 +244,7 @@ def truncated_importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tenso
     product of its tokens' ratios; the policy loss is multiplied by w. Returns (w [B, T],
     stats): the mismatch KL(behaviour || trainer) per token (k3, on the behaviour's samples),
     the ratio's mean and max and the fraction of weights capped, over counted tokens
-    (sequences, at sequence level)."""
+    (sequences, at sequence level; how many: is_units)."""
     m = mask.to(old_logprobs.dtype)
     log_ratio = (old_logprobs - behaviour_logprobs) * m
     if level == "token":
@@ -260,7 +260,8 @@ def truncated_importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tenso
     stats = {"mismatch_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
              "is_ratio_mean": r.mean() if r.numel() else ratio.new_tensor(1.0),
              "is_ratio_max": r.max() if r.numel() else ratio.new_tensor(1.0),
-             "is_capped_fraction": (r > cap).to(ratio.dtype).mean() if r.numel() else ratio.new_tensor(0.0)}
+             "is_capped_fraction": (r > cap).to(ratio.dtype).mean() if r.numel() else ratio.new_tensor(0.0),
+             "is_units": ratio.new_tensor(float(r.numel()))}  # tokens (sequences) the ratio stats are over
     return weights, stats
 
 

@@ -46,10 +46,10 @@ from .common import TrainConfig, batched
 from .data import read_jsonl
 from .losses import (clipped_policy_loss_per_token, gae, masked_mean, ppo_value_loss,
                      truncated_importance_weights, whiten)
-from .rewards import RewardOptions, Rewards, columns_of
+from .rewards import RewardOptions, Rewards, column_names, columns_of
 from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
-                       held_out_evaluation)
-from .sequences import (collate, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of,
+                       held_out_evaluation, is_statistics)
+from .sequences import (disable_dropout, collate, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of,
                         response_values, sft_loss, tokenize_sft, trained_tokens)
 from .skeleton import LossModule, Run
 
@@ -138,6 +138,7 @@ def _load(run: Run, config: PPOConfig):
     model = resolve_model(config.model, config.revision)
     tokenizer = AutoTokenizer.from_pretrained(model)
     policy = run.load(AutoModelForCausalLM, model)
+    disable_dropout(policy)
     ref = None
     if config.ref_model or not config.lora_r:
         ref = run.load(AutoModelForCausalLM, resolve_model(config.ref_model) if config.ref_model else model,
@@ -145,6 +146,7 @@ def _load(run: Run, config: PPOConfig):
     rm_path = resolve_model(config.reward_model) if config.reward_model else None
     value_path = resolve_model(config.value_model) if config.value_model else rm_path or model
     value_model = run.load(AutoModelForSequenceClassification, value_path, num_labels=1)
+    disable_dropout(value_model)
     scorer = rm_tokenizer = None
     bias = 0.0
     if rm_path:
@@ -238,6 +240,7 @@ def train_ppo(config: PPOConfig) -> dict:
     end_ids = end_token_ids(tokenizer, policy.generation_config)
 
     records = read_jsonl(config.prompts_file, "prompts")
+    names = column_names(records)
     eval_records = read_jsonl(config.eval_prompts_file, "prompts") if config.eval_prompts_file else []
     ptx = tokenize_sft(tokenizer, read_jsonl(config.ptx_file, "sft"), config.max_prompt_length + config.max_new_tokens) \
         if config.ptx_file else []
@@ -258,8 +261,8 @@ def train_ppo(config: PPOConfig) -> dict:
 
     def evaluate_now() -> dict:
         value_model.eval()  # with LoRA its base weights may be the scorer
-        result = held_out_evaluation(run, eval_records, kl_coef, select=select, tokenizer=tokenizer, policy=policy,
-                                     ref=ref, rewards=rewards, config=config, end_ids=end_ids, device=device)
+        result = held_out_evaluation(run, eval_records, select=select, tokenizer=tokenizer, policy=policy, ref=ref,
+                                     rewards=rewards, config=config, end_ids=end_ids, device=device)
         value_model.train()
         return result
 
@@ -275,7 +278,7 @@ def train_ppo(config: PPOConfig) -> dict:
         with run.inference():
             chosen = [records[i] for i in next(stream)]
             batch = rollout_batch([r["prompt"] for r in chosen], tokenizer, policy, ref, None, None, value_model,
-                                  config, kl_coef, 0.0, generator, device, rewards=rewards, columns=columns_of(chosen),
+                                  config, kl_coef, 0.0, generator, device, rewards=rewards, columns=columns_of(chosen, names),
                                   sampler=sampler)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
@@ -302,16 +305,14 @@ def train_ppo(config: PPOConfig) -> dict:
                "response_length": distributed.mean(batch["mask"].sum(-1)),
                "eos_fraction": distributed.mean(batch["ended"]), "lr": run.scheduler.get_last_lr()[0],
                **({k: distributed.mean(v) for k, v in batch["parts"].items()} if len(batch["parts"]) > 1 else {}),
-               **{k: distributed.mean(v.reshape(1)) for k, v in batch["is_stats"].items()},
+               **is_statistics(batch["is_stats"], batch["mask"]),
                **{k: sum(v) / len(v) for k, v in stats.items()}}
         if sampler.sync_seconds:
             row["weight_sync_seconds"] = sampler.sync_seconds[-1]
         if eval_records and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
             row.update(evaluate_now())
         if eval_records and iteration == config.num_iterations:
-            last = evaluate_now()
-            row.update(last)
-            run.metrics.update({k: v for k, v in last.items() if k != "eval_best"})
+            row.update(evaluate_now())
         if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)
         run.metrics.update(score=row["score"], kl=row["kl"], kl_coef=kl_coef)

@@ -209,7 +209,7 @@ def rl_stage(c: QuickstartConfig, algo: str, store: Path, files: dict, runs: Pat
     """(train function, config) of the quickstart's RL stage, from store/sft-1 and store/rm-1
     (bench/rl_quickstart.py runs the same stage in processes of its own)."""
     common = dict(model=str(store / "sft-1"), reward_model=str(store / "rm-1"), prompts_file=files["prompts"],
-                  eval_prompts_file=files["prompts_eval"], output_dir=str(output_dir or store / f"{algo}-1"),
+                  eval_prompts_file=files["prompts_select"], output_dir=str(output_dir or store / f"{algo}-1"),
                   max_new_tokens=16, log_dir=str(runs / f"{algo}-1"), seed=c.seed, device=c.device,
                   progress=c.progress, overwrite=True)
     if algo == "ppo":
@@ -222,7 +222,7 @@ def rl_stage(c: QuickstartConfig, algo: str, store: Path, files: dict, runs: Pat
     # the policy back (KL 0.8, 64.5% win rate); in the reward at 0.35, 71.2% (seed 0).
     return train, config_cls(num_iterations=c.critic_free_iterations, num_generations=c.num_generations,
                              prompts_per_iteration=c.batch_size // c.num_generations,
-                             minibatch_size=max(c.num_generations, c.batch_size // 2),
+                             minibatch_size=c.num_generations * max(1, c.batch_size // c.num_generations // 2),
                              learning_rate=c.critic_free_learning_rate, kl_coef=c.kl_coef, kl_in="reward",
                              kl_estimator="k1", eval_every=max(1, c.critic_free_iterations // c.rl_evals), **common)
 

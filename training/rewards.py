@@ -109,7 +109,11 @@ class Rewards:
             self.sources.append(("reward_server", ServerRewards(options.reward_server, options.reward_server_model)))
         for spec in options.reward_fn:
             fn = load_reward_function(spec)
-            self.sources.append((f"reward_fn_{fn.__name__}", fn))
+            name = f"reward_fn_{fn.__name__}"
+            taken = {n for n, _ in self.sources}
+            if name in taken:  # two functions of one name (in two files): number them
+                name = next(f"{name}_{i}" for i in range(2, len(taken) + 3) if f"{name}_{i}" not in taken)
+            self.sources.append((name, fn))
         self.weights = list(options.reward_weights) or [1.0] * len(self.sources)
 
     @staticmethod
@@ -139,7 +143,7 @@ class Rewards:
                 raise ValueError(f"{name} returned {len(scores)} scores for {len(completions)} completions"
                                  + ("" if len(scores) != len(completions) else ", not all finite"))
             parts[name] = torch.tensor(scores, dtype=torch.float32, device=device)
-        total = sum(w * parts[name] for w, name in zip(self.weights, parts))
+        total = sum(w * parts[name] for w, (name, _) in zip(self.weights, self.sources))
         return total, parts
 
     def close(self):
@@ -148,7 +152,14 @@ class Rewards:
                 source.close()
 
 
-def columns_of(records: list[dict]) -> dict[str, list]:
-    """The prompts file's other columns, one list per column (None where a record lacks it)."""
-    names = sorted({k for r in records for k in r if k != "prompt"})
+def column_names(records: list[dict]) -> list[str]:
+    """Every column of a prompts file but the prompt."""
+    return sorted({k for r in records for k in r if k != "prompt"})
+
+
+def columns_of(records: list[dict], names: list[str] | None = None) -> dict[str, list]:
+    """The columns `names` (default: every one these records have) of some records of a
+    prompts file, one list per column, None where a record lacks it: pass the whole file's
+    column_names so that every batch hands a reward function the same arguments."""
+    names = column_names(records) if names is None else names
     return {k: [r.get(k) for r in records] for k in names}

@@ -20,7 +20,7 @@ from .common import batched
 from .losses import IS_LEVELS
 from .rewards import columns_of
 from .skeleton import Batches
-from .sequences import decode_responses, generate, pad_id_of, response_logprobs, response_mask_of
+from .sequences import decode_responses, end_id_tensor, generate, pad_id_of, response_logprobs, response_mask_of
 
 ROLLOUT_ENGINES = ("native", "vllm")
 
@@ -72,8 +72,8 @@ class RLOptions:
         if self.is_level not in IS_LEVELS:
             raise ValueError(f"is_level must be one of {IS_LEVELS}, got {self.is_level!r}")
         if self.rollout_engine == "vllm" and self.fsdp:
-            raise ValueError("--rollout-engine vllm with --fsdp is not supported: vLLM takes whole weights, use data "
-                             "parallelism (torchrun without --fsdp) or the native sampler")
+            raise ValueError("--rollout-engine vllm with --fsdp is not supported: vLLM takes whole weights in one "
+                             "process; use the native sampler")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
@@ -103,6 +103,10 @@ class Sampler:
         self.sync_seconds: list[float] = []
         if engine == "vllm":
             from .vllm_rollouts import VLLMRollouts
+
+            if distributed.world_size() > 1:
+                raise ValueError("--rollout-engine vllm runs one in-process vLLM: under torchrun use the native "
+                                 "sampler (vLLM's external launcher is not wired in yet)")
 
             self.vllm = VLLMRollouts(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                      gpu_memory_utilization=gpu_memory_utilization)
@@ -165,7 +169,8 @@ def evaluate_on_prompts(prompts: list, columns: dict[str, list], *, tokenizer, p
         mask = response_mask_of(responses, end_ids)
         texts = decode_responses(tokenizer, responses, mask)
         total, _ = rewards(texts_in, texts, {k: [v[i] for i in chunk] for k, v in columns.items()}, device)
-        scores += total.tolist()
+        ended = torch.isin(responses, end_id_tensor(end_ids, device)).any(-1)
+        scores += (total - config.missing_eos_penalty * (~ended).float()).tolist()  # the training reward's
         logprobs = response_logprobs(policy, prompt_tokens, prompt_mask, responses, mask, temperature)
         with frozen(ref, policy) as reference:
             ref_logprobs = response_logprobs(reference, prompt_tokens, prompt_mask, responses, mask, temperature)
@@ -184,16 +189,31 @@ def evaluate_on_prompts(prompts: list, columns: dict[str, list], *, tokenizer, p
     return result
 
 
-def held_out_evaluation(run, records: list[dict], kl_coef: float, *, select: bool, **kwargs) -> dict:
+def held_out_evaluation(run, records: list[dict], *, select: bool, config, **kwargs) -> dict:
     """evaluate_on_prompts on the held-out `records` (kwargs: its own), plus the objective
-    the run optimises, eval_score - kl_coef * eval_kl; with `select`, the run keeps the
-    weights whose objective is the best so far (eval_best: 1 in the result when these are)."""
+    the run optimises, eval_score - kl_coef * eval_kl with the configured kl_coef (fixed, so
+    that evaluations under an adaptive controller compare); with `select`, the run keeps the
+    weights whose objective is the best so far (eval_best: 1 in the result when these are).
+    The latest evaluation is kept in run.metrics (end_rl_run swaps in the selected one's)."""
     with run.inference():
-        result = evaluate_on_prompts([r["prompt"] for r in records], columns_of(records), **kwargs)
-    result["eval_objective"] = result["eval_score"] - kl_coef * result["eval_kl"]
-    if select and run.keep_if_best(result["eval_objective"]):
+        result = evaluate_on_prompts([r["prompt"] for r in records], columns_of(records), config=config, **kwargs)
+    result["eval_objective"] = result["eval_score"] - config.kl_coef * result["eval_kl"]
+    run.metrics.update(result)
+    if select and run.keep_if_best(result["eval_objective"], result):
         result["eval_best"] = 1.0
     return result
+
+
+def is_statistics(stats: dict, mask: torch.Tensor) -> dict[str, float]:
+    """truncated_importance_weights' statistics over every rank: token-weighted means (the
+    ratio's over its units), the largest ratio of any rank."""
+    tokens, units = float(mask.sum()), float(stats["is_units"])
+    kl, ratio, capped, total_tokens, total_units = distributed.all_sum(
+        [stats["mismatch_kl"] * tokens, stats["is_ratio_mean"] * units, stats["is_capped_fraction"] * units,
+         tokens, units])
+    return {"mismatch_kl": kl / max(total_tokens, 1), "is_ratio_mean": ratio / max(total_units, 1) if total_units else 1.0,
+            "is_ratio_max": distributed.all_max(float(stats["is_ratio_max"])),
+            "is_capped_fraction": capped / max(total_units, 1)}
 
 
 class PromptStream:
@@ -230,9 +250,12 @@ def adapted_kl_coef(kl_coef: float, mean_kl: float, config, responses: int) -> f
 def end_rl_run(run, sampler: Sampler, rewards, select: bool) -> None:
     """Put the selected weights back (with `select`), record the run's totals, free the
     rollout engine and the reward sources; publishing comes next."""
-    if select:
+    if select and run.best is not None:
+        # the published policy is the selected one: its evaluation is the run's, the last one's beside it
+        last = {k: v for k, v in run.metrics.items() if k.startswith("eval_")}
+        run.metrics.update({f"final_{k}": v for k, v in last.items()})
+        run.metrics.update(run.best["evaluation"])
         run.metrics["selected_iteration"] = run.restore_best()
-        run.metrics["selected_eval_objective"] = run.best["objective"]
     run.metrics.update(iterations=run.config.num_iterations, seconds=run.seconds())
     sampler.close()
     rewards.close()

@@ -32,6 +32,17 @@ def hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def disable_dropout(model) -> None:
+    """Dropout off everywhere in `model` (its nn.Dropout modules, LoRA's included, and the
+    attention dropout transformers keeps as a float), as TRL's RL trainers do: the log-probs
+    a rollout is scored with (eval mode) are then the ones its update starts from."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def lm_parts(model):
     """(transformer body, LM head weight) of a causal LM, peft-wrapped or not."""
     inner = hf_model(model)

@@ -267,19 +267,22 @@ class Run:
         self.scheduler.step()
         self.step += 1
 
-    def keep_if_best(self, objective: float) -> bool:
-        """Checkpoint selection: keep a copy of the trained weights when `objective` (a
-        held-out measure, higher is better) beats every earlier one; restore_best() puts the
-        kept weights back before publishing."""
+    def keep_if_best(self, objective: float, evaluation: dict | None = None) -> bool:
+        """Checkpoint selection: keep a copy of the trained weights (and the `evaluation`
+        that chose them) when `objective` (a held-out measure, higher is better) beats every
+        earlier one; restore_best() puts the kept weights back before publishing."""
         if self.best is not None and objective <= self.best["objective"]:
             return False
-        # every rank keeps its replica's copy; under FSDP gathering is a collective and rank 0 keeps it
-        weights = {k: v.clone() for k, v in self.trained_state().items()}
-        self.best = {"objective": objective, "step": self.step, "weights": weights}
+        # Rank 0 keeps the copy (DDP replicas are equal; gathering FSDP shards is a collective).
+        state = self.trained_state() if self.config.fsdp or distributed.is_main() else {}
+        weights = {k: v.clone() for k, v in state.items()} if distributed.is_main() else None
+        self.best = {"objective": objective, "step": self.step, "weights": weights,
+                     "evaluation": dict(evaluation or {})}
         return True
 
     def restore_best(self) -> int:
-        """The weights keep_if_best kept (the step they are from), or the current step's."""
+        """The weights keep_if_best kept, on every rank; returns the step they are from (the
+        current step when nothing was kept)."""
         if self.best is None:
             return self.step
         if self.config.fsdp:
@@ -287,11 +290,15 @@ class Run:
 
             set_model_state_dict(self.module, self.best["weights"] if distributed.is_main() else {},
                                  options=distributed._fsdp_options(broadcast_from_rank0=True))
-        else:
-            params = dict(self.module.named_parameters())
-            with torch.no_grad():
+            return self.best["step"]
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            if distributed.is_main():
                 for name, tensor in self.best["weights"].items():
                     params[name].copy_(tensor)
+            if distributed.world_size() > 1:  # the other replicas take rank 0's
+                for name in sorted(n for n, p in params.items() if p.requires_grad):
+                    torch.distributed.broadcast(params[name].data, src=0)
         return self.best["step"]
 
     def maybe_save(self, **save_state) -> None:
@@ -435,6 +442,8 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.metrics, self._seconds_before = state["step"], dict(state["metrics"]), state["seconds"]
         self.best = state.get("best")
+        if self.best and not distributed.is_main():
+            self.best = {**self.best, "weights": None}  # rank 0 keeps the copy
         rng = self._rng_state()
         self.rng.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])

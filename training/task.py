@@ -288,6 +288,8 @@ def write_task_data(out_dir: str | Path, n_sft: int = 2000, n_pairs: int = 2000,
         "rankings": ranking_records(n_rankings, 4, seed + 4, temperature),
         "prompts": prompt_records(n_prompts, seed + 5),
         "prompts_eval": prompt_records(n_eval, seed + 6),
+        # held out for checkpoint selection during RL, so that the judged prompts (prompts_eval) stay unseen
+        "prompts_select": prompt_records(n_eval, seed + 7),
     }
     if data_format == "chat":
         files = {name: [as_conversation(r) for r in records] for name, records in files.items()}

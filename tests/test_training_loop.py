@@ -20,7 +20,7 @@ from rlhfkit.training.loop import gold_utility, load_policy, mean_kl, sample_bat
 
 def test_quickstart_in_miniature(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert cli_main(["quickstart", "--out", str(out), "--hidden-size", "32", "--num-layers", "1", "--sft-steps", "3",
+    assert cli_main(["quickstart", "--out", str(out), "--algo", "ppo", "--hidden-size", "32", "--num-layers", "1", "--sft-steps", "3",
                      "--ppo-iterations", "1", "--batch-size", "16", "--n-sft", "48", "--n-pairs", "16",
                      "--n-prompts", "16", "--n-eval", "6", "--eval-samples", "2", "--dpo", "--device", "cpu",
                      "--no-progress", "--format", "text"]) == 0

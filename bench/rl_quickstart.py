@@ -29,7 +29,8 @@ def worker(algo: str, quickstart: Path, out: Path) -> int:
     from rlhfkit.training.quickstart import QuickstartConfig, rl_stage
 
     saved = json.loads((quickstart / "report.json").read_text())["config"]
-    config = QuickstartConfig(**{**saved, "out": str(quickstart), "progress": False})
+    # the RL stage as the installed rlhfkit's quickstart defaults have it, on that quickstart's seed and data
+    config = QuickstartConfig(out=str(quickstart), seed=saved["seed"], device="cpu", progress=False)
     files = {"prompts": str(quickstart / "data" / "prompts.jsonl"),
              "prompts_select": str(quickstart / "data" / "prompts_select.jsonl")}
     train, rl_config = rl_stage(config, algo, quickstart / "store", files, out / "runs", output_dir=out / algo)

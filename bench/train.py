@@ -72,8 +72,6 @@ import subprocess
 import sys
 import time
 
-from rlhfkit.training.common import cpu_model
-
 T0 = time.time()  # the worker's first moment after the interpreter started (see --worker)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -195,6 +193,17 @@ def versions(python, args, modules) -> dict:
             "import torch; out['torch_threads'] = torch.get_num_threads(); print(json.dumps(out))" % (list(modules),))
     out = subprocess.run([python, "-c", code], cwd="/tmp", env=child_env(args), capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-1000:]}
+
+
+def cpu_model() -> str:
+    # rlhfkit.training.common.cpu_model's twin: this file also runs in TRL's environment, without rlhfkit
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def rlhfkit_snapshot(python, args) -> str:

@@ -435,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_demo)
 
-    sub.add_parser("train", help="train SFT / reward model / PPO / DPO checkpoints (`rlhfkit train --help`)",
+    sub.add_parser("train", help="train SFT / reward model / PPO / GRPO / RLOO / DPO checkpoints (`rlhfkit train --help`)",
                    add_help=False)
-    sub.add_parser("quickstart", help="SFT -> reward model -> PPO on the bundled task from scratch, evaluated, "
+    sub.add_parser("quickstart", help="SFT -> reward model -> RLOO (or --algo ppo|grpo|dpo) on the bundled task "
+                   "from scratch, evaluated, "
                    "with a report (`rlhfkit quickstart --help`)", add_help=False)
     return parser
 

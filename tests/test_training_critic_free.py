@@ -213,10 +213,12 @@ def test_rewards_of_several_sources_add_up_with_their_weights(tmp_path):
 
 
 def test_no_kl_term_still_evaluates_the_kl(setup, tmp_path):
-    """kl_coef 0 trains without a KL term, and the held-out evaluation still reads the KL to
-    the reference (checkpoint selection and the over-optimisation curves need it)."""
-    metrics = train_rloo(RLOOConfig(**args(setup, tmp_path, reward_model=str(setup["reward"]), kl_coef=0.0,
-                                           eval_prompts_file=str(setup["eval"]))))
+    """kl_coef 0 trains without a KL term (GRPO's is in the loss: no kl_loss), and with held-out
+    prompts the reference is loaded all the same: the rollouts' and the evaluations' KL are
+    measured (checkpoint selection and the over-optimisation curves read them)."""
+    metrics = train_grpo(GRPOConfig(**args(setup, tmp_path, reward_model=str(setup["reward"]), kl_coef=0.0,
+                                           num_iterations=3, eval_prompts_file=str(setup["eval"]))))
     assert metrics["eval_kl_start"] == 0.0 and metrics["final_eval_kl"] != 0.0
-    rows = log_rows(tmp_path)
-    assert all("kl_loss" not in r for r in rows)
+    assert not any(k.startswith("final_") and k.endswith("_start") for k in metrics)
+    rows = [r for r in log_rows(tmp_path) if "reward" in r]
+    assert all("kl_loss" not in r for r in rows) and rows[0]["kl"] == 0.0 and rows[-1]["kl"] != 0.0

@@ -151,7 +151,7 @@ def test_quickstart_with_a_critic_free_algorithm(tmp_path, capsys, algo):
     assert info["stage"] == algo and info["parent"] == str(store / "sft-1")
     assert json.loads((store / "roles.json").read_text())["policy"] == f"{algo}-1"
     report = json.loads((out / "report.json").read_text())
-    assert report["algo"] == algo and report["win_rate_vs_sft"] == report[f"win_rate_{algo}_vs_sft"]
+    assert report["algo"] == algo and f"win_rate_{algo}_vs_sft" in report
     result = report["comparisons_vs_sft"][algo]
     assert result["wins"] + result["ties"] + result["losses"] == result["pairs"] == 6 * 2
     assert report["stage_seconds"][algo] > 0 and report["peak_rss_mib"] > 0 and report["cpu"]
@@ -167,6 +167,7 @@ def test_quickstart_rejects_bad_options_by_name(tmp_path, capsys):
     for flag, value, message in (("--k", "1", "k must be >= 2"), ("--chatter-rate", "1.5", "chatter_rate must be in [0, 1]"),
                                  ("--ppo-iterations", "0", "ppo_iterations must be >= 1"),
                                  ("--num-generations", "3", "num_generations must be >= 2 and divide batch_size (32)"),
+                                 # (PPO and DPO sample one response per prompt: any batch size is theirs)
                                  ("--algo", "sac", "invalid choice: 'sac'")):
         with pytest.raises(SystemExit) as info:
             cli_main(["quickstart", "--out", str(tmp_path / "qs"), flag, value])

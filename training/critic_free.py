@@ -155,7 +155,7 @@ def rollout(records, *, tokenizer, policy, ref, rewards, sampler, config, advant
     # The trainer's own log-probs of the old policy, whoever sampled (the ratio's denominator).
     old_logprobs = response_logprobs(policy, prompts, prompt_mask, responses, mask, config.temperature)
     ref_logprobs = None
-    if config.kl_coef > 0:
+    if ref is not None or config.lora_r:  # a reference to measure the KL against (LoRA: the base weights)
         with frozen(ref, policy) as reference:
             ref_logprobs = response_logprobs(reference, prompts, prompt_mask, responses, mask, config.temperature)
     policy.train()
@@ -235,8 +235,9 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
     select = config.select_best and bool(eval_records)
 
     def evaluate_now(row: dict) -> None:
-        row.update(held_out_evaluation(run, eval_records, select=select, tokenizer=tokenizer, policy=policy, ref=ref,
-                                       rewards=rewards, config=config, end_ids=end_ids, device=device))
+        row.update(held_out_evaluation(run, eval_records, select=select, column_names=names, tokenizer=tokenizer,
+                                       policy=policy, ref=ref, rewards=rewards, config=config, end_ids=end_ids,
+                                       device=device))
 
     if eval_records and run.step == 0:
         first: dict = {}

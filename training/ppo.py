@@ -261,8 +261,9 @@ def train_ppo(config: PPOConfig) -> dict:
 
     def evaluate_now() -> dict:
         value_model.eval()  # with LoRA its base weights may be the scorer
-        result = held_out_evaluation(run, eval_records, select=select, tokenizer=tokenizer, policy=policy, ref=ref,
-                                     rewards=rewards, config=config, end_ids=end_ids, device=device)
+        result = held_out_evaluation(run, eval_records, select=select, column_names=names, tokenizer=tokenizer,
+                                     policy=policy, ref=ref, rewards=rewards, config=config, end_ids=end_ids,
+                                     device=device)
         value_model.train()
         return result
 

@@ -83,7 +83,7 @@ class QuickstartConfig:
             raise ValueError(f"chatter_rate must be in [0, 1], got {self.chatter_rate}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to rank, got {self.k}")
-        if self.num_generations < 2 or self.batch_size % self.num_generations:
+        if self.algo in ("grpo", "rloo") and (self.num_generations < 2 or self.batch_size % self.num_generations):
             raise ValueError(f"num_generations must be >= 2 and divide batch_size ({self.batch_size}), got "
                              f"{self.num_generations}")
 

@@ -189,14 +189,18 @@ def evaluate_on_prompts(prompts: list, columns: dict[str, list], *, tokenizer, p
     return result
 
 
-def held_out_evaluation(run, records: list[dict], *, select: bool, config, **kwargs) -> dict:
+def held_out_evaluation(run, records: list[dict], *, select: bool, config, column_names: list[str] | None = None,
+                        **kwargs) -> dict:
     """evaluate_on_prompts on the held-out `records` (kwargs: its own), plus the objective
     the run optimises, eval_score - kl_coef * eval_kl with the configured kl_coef (fixed, so
     that evaluations under an adaptive controller compare); with `select`, the run keeps the
     weights whose objective is the best so far (eval_best: 1 in the result when these are).
-    The latest evaluation is kept in run.metrics (end_rl_run swaps in the selected one's)."""
+    `column_names`: the training prompts' columns, so reward functions get the same arguments
+    (None where the held-out file lacks one). The latest evaluation is kept in run.metrics
+    (end_rl_run swaps in the selected one's)."""
     with run.inference():
-        result = evaluate_on_prompts([r["prompt"] for r in records], columns_of(records), config=config, **kwargs)
+        result = evaluate_on_prompts([r["prompt"] for r in records], columns_of(records, column_names), config=config,
+                                     **kwargs)
     result["eval_objective"] = result["eval_score"] - config.kl_coef * result["eval_kl"]
     run.metrics.update(result)
     if select and run.keep_if_best(result["eval_objective"], result):
@@ -252,9 +256,9 @@ def end_rl_run(run, sampler: Sampler, rewards, select: bool) -> None:
     rollout engine and the reward sources; publishing comes next."""
     if select and run.best is not None:
         # the published policy is the selected one: its evaluation is the run's, the last one's beside it
-        last = {k: v for k, v in run.metrics.items() if k.startswith("eval_")}
+        last = {k: v for k, v in run.metrics.items() if k.startswith("eval_") and not k.endswith("_start")}
         run.metrics.update({f"final_{k}": v for k, v in last.items()})
-        run.metrics.update(run.best["evaluation"])
+        run.metrics.update(run.best.get("evaluation", {}))
         run.metrics["selected_iteration"] = run.restore_best()
     run.metrics.update(iterations=run.config.num_iterations, seconds=run.seconds())
     sampler.close()

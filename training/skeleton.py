@@ -23,6 +23,7 @@ bfloat16. `float64` exists for numerics checks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import shutil
@@ -271,8 +272,8 @@ class Run:
         """Checkpoint selection: keep a copy of the trained weights (and the `evaluation`
         that chose them) when `objective` (a held-out measure, higher is better) beats every
         earlier one; restore_best() puts the kept weights back before publishing."""
-        if self.best is not None and objective <= self.best["objective"]:
-            return False
+        if not math.isfinite(objective) or (self.best is not None and objective <= self.best["objective"]):
+            return False  # a NaN evaluation (a diverged reward model, say) is never the best
         # Rank 0 keeps the copy (DDP replicas are equal; gathering FSDP shards is a collective).
         state = self.trained_state() if self.config.fsdp or distributed.is_main() else {}
         weights = {k: v.clone() for k, v in state.items()} if distributed.is_main() else None

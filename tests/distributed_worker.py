@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py SPEC.json OUT_DIR
 
-SPEC.json maps a stage (sft, rm, dpo, ppo, or one of them with a suffix: ppo-lora) to its
+SPEC.json maps a stage (sft, rm, dpo, ppo, grpo, or one of them with a suffix: ppo-lora) to its
 config's keyword arguments. The real
 trainers run one after the other; after each, this rank saves every parameter its optimizer
 trained (PPO: policy and value model) and the metrics it returned to
@@ -16,10 +16,11 @@ import sys
 
 import torch
 
-from rlhfkit.training import distributed, dpo, ppo, rm, sft
+from rlhfkit.training import critic_free, distributed, dpo, ppo, rm, sft
 
 TRAINERS = {"sft": (sft.SFTConfig, sft.train_sft), "rm": (rm.RMConfig, rm.train_rm),
-            "dpo": (dpo.DPOConfig, dpo.train_dpo), "ppo": (ppo.PPOConfig, ppo.train_ppo)}
+            "dpo": (dpo.DPOConfig, dpo.train_dpo), "ppo": (ppo.PPOConfig, ppo.train_ppo),
+            "grpo": (critic_free.GRPOConfig, critic_free.train_grpo)}
 
 
 class RecordingAdamW(torch.optim.AdamW):

@@ -105,6 +105,16 @@ def fsdp_runs(runs, tiny_policy_dir, tiny_reward_dir):
     # and PPO with LoRA under DDP: only the adapters (and the value head) are reduced
     configs["ppo-lora"] = {**stage_configs(runs / "data", runs / "lora", tiny_policy_dir, tiny_reward_dir)["ppo"],
                            "lora_r": 4, "lora_alpha": 8.0}
+    # GRPO selecting an earlier evaluation than the last (a KL penalty of 50 in the objective,
+    # a learning rate that moves the policy far): the ranks must all restore the kept weights
+    for name, fsdp in (("grpo-select", False), ("grpo-select-fsdp", True)):
+        configs[name] = dict(model=str(tiny_policy_dir), reward_model=str(tiny_reward_dir),
+                             prompts_file=str(runs / "data" / "prompts.jsonl"),
+                             eval_prompts_file=str(runs / "data" / "prompts_eval.jsonl"), eval_every=1,
+                             num_iterations=3, prompts_per_iteration=2, num_generations=2, max_new_tokens=4,
+                             learning_rate=3e-2, kl_coef=50.0, kl_in="reward", kl_estimator="k1", fsdp=fsdp,
+                             output_dir=str(runs / name), log_dir=str(runs / f"log-{name}"), progress=False,
+                             device="cpu")
     (runs / "fsdp-dumps").mkdir()
     spec = runs / "fsdp-spec.json"
     spec.write_text(json.dumps(configs))
@@ -266,3 +276,18 @@ def test_fsdp_run_resumes_from_its_save(fsdp_runs, tiny_policy_dir, tiny_reward_
     assert [r["step"] for r in rows(fsdp_runs / "resumed" / "log-sft")] == [3]
     assert rows(fsdp_runs / "resumed" / "log-sft")[0]["loss"] == pytest.approx(rows(fsdp_runs / "fsdp" / "log-sft")[2]["loss"],
                                                                               rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["grpo-select", "grpo-select-fsdp"])
+def test_selection_restores_the_kept_weights_on_every_rank(fsdp_runs, tiny_policy_dir, stage):
+    """The evaluation that wins is an earlier one: rank 0 kept its weights, and every rank
+    trains no further from them (DDP: broadcast; FSDP: scattered shards). Published: those."""
+    rank0, rank1 = dump(fsdp_runs, stage, 0, "fsdp-dumps"), dump(fsdp_runs, stage, 1, "fsdp-dumps")
+    selected = rank0["metrics"]["selected_iteration"]
+    assert selected < 3 and rank1["metrics"]["selected_iteration"] == selected
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert torch.equal(a, b)
+    if selected == 0:  # the kept weights are the starting policy's
+        published = load_file(fsdp_runs / stage / "model.safetensors")
+        start = load_file(Path(tiny_policy_dir) / "model.safetensors")
+        assert all(torch.equal(published[k], start[k]) for k in start)

@@ -149,6 +149,17 @@ def test_rloo_with_a_reward_server_scores_as_the_reward_model_in_process(setup, 
         assert r["reward_server"] == pytest.approx(r["reward_model"], abs=1e-5)
         assert abs(r["reward"]) < 1e-5
 
+    from rlhfkit.clients import Client  # the RLOO checkpoint serves, greedy as transformers decodes it
+
+    prompt = "reverse the words: cat dog\nanswer:"
+    srv = ServerThread(ServeConfig(policy=str(tmp_path / "out"), port=0, device="cpu")).wait_loaded()
+    try:
+        with Client(srv.address, timeout=60) as c:
+            reply = c.generate(prompt, max_new_tokens=5, ignore_eos=True)
+        assert list(reply.completions[0].token_ids) == hf_greedy(tmp_path / "out", prompt)
+    finally:
+        srv.stop()
+
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean", "token-sum"])
 def test_micro_batches_accumulate_to_the_full_step(setup, tmp_path, aggregation):

@@ -42,9 +42,10 @@ from .data import read_jsonl
 from .losses import (KL_PENALTIES, LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss_per_token,
                      group_advantages, kl_penalty, masked_mean, rloo_advantages, truncated_importance_weights)
 from .rewards import RewardOptions, Rewards, column_names, columns_of
-from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
-                       held_out_evaluation, is_statistics, sequence_kl)
-from .sequences import disable_dropout, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of
+from .rollouts import (PromptStream, RLOptions, add_minibatch_stats, end_iteration, end_rl_run, frozen,
+                       held_out_evaluation, is_statistics, log_first_evaluation, minibatch_means, sequence_kl,
+                       start_sampler)
+from .sequences import decode_responses, disable_dropout, end_id_tensor, pad_id_of, response_logprobs, response_mask_of
 from .skeleton import LossModule, Run
 
 
@@ -52,12 +53,6 @@ from .skeleton import LossModule, Run
 class CriticFreeConfig(RLOptions, RewardOptions, TrainConfig):
     """What GRPO and RLOO share. A step is one iteration (a rollout batch, then ppo_epochs passes of minibatch updates)."""
 
-    model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
-    prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line (text or a conversation); other columns go to --reward-fn"})
-    output_dir: str = field(metadata={"help": "where to publish the policy"})
-    ref_model: str | None = field(default=None, metadata={"help": "reference policy of the KL term (default: --model; with LoRA, the adapter disabled)"})
-    eval_prompts_file: str | None = field(default=None, metadata={"help": "held-out prompts: reward, KL and gold utility before, every --eval-every and at the end"})
-    num_iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
     prompts_per_iteration: int = field(default=8, metadata={"help": "prompts per rollout (over all processes under torchrun)"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt, G (the group of its baseline)"})
     minibatch_size: int = field(default=0, metadata={"help": "responses per gradient step, whole groups (over all processes; 0: the whole rollout)"})
@@ -67,12 +62,10 @@ class CriticFreeConfig(RLOptions, RewardOptions, TrainConfig):
     kl_estimator: Literal["k1", "k2", "k3", "k3_unbiased"] = field(default="k3", metadata={"help": "per-token KL estimator: in the loss k2, k3 (GRPO) or k3_unbiased (importance-weighted, unbiased gradient); in the reward k1, k2 or k3 (no gradient flows)"})
     kl_in: Literal["loss", "reward"] = field(default="loss", metadata={"help": "where the KL goes: a loss term (GRPO) or subtracted from each response's reward before the advantages (RLOO, PPO)"})
     loss_aggregation: Literal["token-mean", "sequence-mean", "token-sum"] = field(default="token-mean", metadata={"help": "token-mean (DAPO), sequence-mean (GRPO's paper) or token-sum over max_new_tokens per response (Dr. GRPO)"})
-    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
-    micro_batch_size: int = field(default=0, metadata={"help": "responses per forward/backward in each process, gradients accumulated up to --minibatch-size (0: all at once)"})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_iterations", "prompts_per_iteration", "num_generations", "ppo_epochs"):
+        for name in ("prompts_per_iteration", "num_generations", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
@@ -92,9 +85,6 @@ class CriticFreeConfig(RLOptions, RewardOptions, TrainConfig):
                              "or k3 with --kl-in reward")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
-
-    def total_steps(self, n_examples: int = 0) -> int:
-        return self.num_iterations
 
 
 @dataclass(kw_only=True)
@@ -226,24 +216,16 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
     run.prepare(LossModule(partial(micro_loss, config=config, device=device), policy=policy), config.num_iterations)
     generator = run.restore_generator("sampling", generator)
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
-    sampler = Sampler(config.rollout_engine, resolve_model(config.model, config.revision), dtype=config.dtype,
-                      seed=config.seed, max_model_len=config.max_prompt_length + config.max_new_tokens + 8,
-                      gpu_memory_utilization=config.vllm_gpu_memory_utilization)
-    with run.gathered():
-        sampler.sync(policy)  # a resumed run's weights (a no-op for the native sampler)
+    sampler = start_sampler(run, config, policy)
     run.metrics.setdefault("prompts", len(records))
     select = config.select_best and bool(eval_records)
 
-    def evaluate_now(row: dict) -> None:
-        row.update(held_out_evaluation(run, eval_records, select=select, column_names=names, tokenizer=tokenizer,
-                                       policy=policy, ref=ref, rewards=rewards, config=config, end_ids=end_ids,
-                                       device=device))
+    def evaluate_now() -> dict:
+        return held_out_evaluation(run, eval_records, select=select, column_names=names, tokenizer=tokenizer,
+                                   policy=policy, ref=ref, rewards=rewards, config=config, end_ids=end_ids, device=device)
 
     if eval_records and run.step == 0:
-        first: dict = {}
-        evaluate_now(first)
-        run.log.log(0, **first)
-        run.metrics.update({k + "_start": v for k, v in first.items() if k != "eval_best"})
+        log_first_evaluation(run, evaluate_now())
 
     stream = PromptStream(run, records, config.prompts_per_iteration)
     bar = tqdm(total=config.num_iterations, initial=run.step, desc=stage,
@@ -265,15 +247,9 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
                 context = {"batch": batch, "tokens": tokens, "sequences": sequences, "kl_coef": kl_coef}
                 _, parts = run.accumulate(rows, context, shard=False)
                 grad_norms.append(run.optimizer_step())
-                for name in parts[0]:
-                    stats.setdefault(name, []).append(sum(float(p[name]) for p in parts if name in p))
-        stats = {k: distributed.all_sum(v) for k, v in stats.items()}  # the ranks' shares add up
-        run.end_step()
-        with run.gathered():
-            sampler.sync(policy)
+                add_minibatch_stats(stats, parts)
+        mean_kl, kl_coef = end_iteration(run, sampler, policy, batch, kl_coef, config)
         iteration = run.step
-        mean_kl = distributed.mean(batch["kl"])
-        kl_coef = adapted_kl_coef(kl_coef, mean_kl, config, len(batch["scores"]) * world)
         row = {"reward": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "reward_std_in_group": distributed.mean(batch["scores"].view(-1, G).std(-1)),
                "response_length": distributed.mean(batch["mask"].sum(-1).float()),
@@ -281,12 +257,12 @@ def _train(config: CriticFreeConfig, stage: str, advantages_of) -> dict:
                "grad_norm": sum(grad_norms) / len(grad_norms),
                **{k: distributed.mean(v) for k, v in batch["parts"].items()},
                **is_statistics(batch["is_stats"], batch["mask"]),
-               **{k: sum(v) / len(v) for k, v in stats.items()}}
+               **minibatch_means(stats)}
         if sampler.sync_seconds:
             row["weight_sync_seconds"] = sampler.sync_seconds[-1]
         if eval_records and ((config.eval_every and iteration % config.eval_every == 0)
                              or iteration == config.num_iterations):
-            evaluate_now(row)
+            row.update(evaluate_now())
         if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)
         run.metrics.update(reward=row["reward"], kl=mean_kl, kl_coef=kl_coef)

@@ -47,10 +47,10 @@ from .data import read_jsonl
 from .losses import (clipped_policy_loss_per_token, gae, masked_mean, ppo_value_loss,
                      truncated_importance_weights, whiten)
 from .rewards import RewardOptions, Rewards, column_names, columns_of
-from .rollouts import (PromptStream, RLOptions, Sampler, adapted_kl_coef, end_rl_run, frozen,
-                       held_out_evaluation, is_statistics)
-from .sequences import (disable_dropout, collate, decode_responses, end_id_tensor, pad_id_of, response_logprobs, response_mask_of,
-                        response_values, sft_loss, tokenize_sft, trained_tokens)
+from .rollouts import (PromptStream, RLOptions, Sampler, add_minibatch_stats, end_iteration, end_rl_run, frozen,
+                       held_out_evaluation, is_statistics, log_first_evaluation, minibatch_means, start_sampler)
+from .sequences import (collate, decode_responses, disable_dropout, end_id_tensor, pad_id_of, response_logprobs,
+                        response_mask_of, response_values, sft_loss, tokenize_sft, trained_tokens)
 from .skeleton import LossModule, Run
 
 
@@ -65,15 +65,9 @@ class PPOConfig(RLOptions, RewardOptions, TrainConfig):
     the value model's (the value model is the reward model with an adapter), so no frozen
     copy is loaded twice."""
 
-    model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
-    prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line: text, or a conversation (a list of messages)"})
-    output_dir: str = field(metadata={"help": "where to publish the policy"})
-    ref_model: str | None = field(default=None, metadata={"help": "reference policy for the KL penalty (default: --model)"})
     value_model: str | None = field(default=None, metadata={"help": "the value model's starting point (default: --reward-model; without one, the policy with a new value head)"})
-    eval_prompts_file: str | None = field(default=None, metadata={"help": "held-out prompts: mean reward before and after"})
     ptx_file: str | None = field(default=None, metadata={"help": "SFT demonstrations mixed into the loss (PPO-ptx)"})
     ptx_coef: float = field(default=0.0, metadata={"help": "weight of the SFT loss on --ptx-file (InstructGPT's gamma)"})
-    num_iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
     rollout_batch_size: int = field(default=32, metadata={"help": "prompts per rollout (over all processes under torchrun)"})
     minibatch_size: int = field(default=8, metadata={"help": "rollouts per gradient step (over all processes under torchrun)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
@@ -84,24 +78,19 @@ class PPOConfig(RLOptions, RewardOptions, TrainConfig):
     clip_range: float = field(default=0.2, metadata={"help": "policy ratio clip"})
     clip_range_value: float = field(default=0.2, metadata={"help": "value clip"})
     vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
-    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW), policy and value"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW's epsilon"})
     seed: int = field(default=0, metadata={"help": "random seed (prompt order, sampling)"})
-    micro_batch_size: int = field(default=0, metadata={"help": "rollouts per forward/backward in each process, gradients accumulated up to --minibatch-size (0: the whole minibatch at once)"})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs"):
+        for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ptx_coef > 0 and not self.ptx_file:
             raise ValueError("ptx_coef > 0 needs --ptx-file")
         if not 0 < self.lam <= 1 or not 0 < self.gamma <= 1:
             raise ValueError("gamma and lam must be in (0, 1]")
-
-    def total_steps(self, n_examples: int = 0) -> int:
-        return self.num_iterations
 
 
 # ---------------------------------------------------------------- rewards
@@ -176,8 +165,7 @@ def rollout_batch(prompts_text, tokenizer, policy, ref, rm_tokenizer, reward_mod
                           reward_bias=reward_bias, device=device)
     policy.eval()
     value_model.eval()
-    prompts, prompt_mask, responses, behaviour = (sampler or Sampler("native", config.model, dtype=config.dtype,
-                                                                     seed=config.seed, max_model_len=0)).sample(
+    prompts, prompt_mask, responses, behaviour = (sampler or Sampler()).sample(
         policy, ids, 1, config.max_new_tokens, config.temperature, end_ids, pad_id, generator, device)
     mask = response_mask_of(responses, end_ids)
     logprobs = response_logprobs(policy, prompts, prompt_mask, responses, mask, config.temperature)
@@ -252,11 +240,7 @@ def train_ppo(config: PPOConfig) -> dict:
     generator = run.restore_generator("sampling", generator)
     run.metrics.setdefault("prompts", len(records))
     kl_coef = run.resumed_state("kl_coef", config.kl_coef)
-    sampler = Sampler(config.rollout_engine, resolve_model(config.model, config.revision), dtype=config.dtype,
-                      seed=config.seed, max_model_len=config.max_prompt_length + config.max_new_tokens + 8,
-                      gpu_memory_utilization=config.vllm_gpu_memory_utilization)
-    with run.gathered():
-        sampler.sync(policy)  # a resumed run's weights (a no-op for the native sampler)
+    sampler = start_sampler(run, config, policy)
     select = config.select_best and bool(eval_records)
 
     def evaluate_now() -> dict:
@@ -268,9 +252,7 @@ def train_ppo(config: PPOConfig) -> dict:
         return result
 
     if eval_records and run.step == 0:
-        first = evaluate_now()
-        run.log.log(0, **first)
-        run.metrics.update({k + "_start": v for k, v in first.items() if k != "eval_best"})
+        log_first_evaluation(run, evaluate_now())
 
     stream = PromptStream(run, list(range(len(records))), config.rollout_batch_size)  # by index: columns follow
     bar = tqdm(total=config.num_iterations, initial=run.step, desc="ppo",
@@ -293,26 +275,19 @@ def train_ppo(config: PPOConfig) -> dict:
                 context = {"batch": batch, "tokens": tokens, "ptx": ptx_batch, "first_row": rows[0]}
                 _, parts = run.accumulate(rows, context, shard=False)
                 run.optimizer_step()
-                for name in parts[0]:
-                    stats.setdefault(name, []).append(sum(float(p[name]) for p in parts if name in p))
-        stats = {k: distributed.all_sum(v) for k, v in stats.items()}  # the ranks' shares add up to the means
-        run.end_step()
-        with run.gathered():
-            sampler.sync(policy)
+                add_minibatch_stats(stats, parts)
+        mean_kl, kl_coef = end_iteration(run, sampler, policy, batch, kl_coef, config)
         iteration = run.step
-        mean_kl = distributed.mean(batch["kl"])
-        kl_coef = adapted_kl_coef(kl_coef, mean_kl, config, len(batch["scores"]) * world)
         row = {"score": distributed.mean(batch["scores"]), "kl": mean_kl, "kl_coef": kl_coef,
                "response_length": distributed.mean(batch["mask"].sum(-1)),
                "eos_fraction": distributed.mean(batch["ended"]), "lr": run.scheduler.get_last_lr()[0],
                **({k: distributed.mean(v) for k, v in batch["parts"].items()} if len(batch["parts"]) > 1 else {}),
                **is_statistics(batch["is_stats"], batch["mask"]),
-               **{k: sum(v) / len(v) for k, v in stats.items()}}
+               **minibatch_means(stats)}
         if sampler.sync_seconds:
             row["weight_sync_seconds"] = sampler.sync_seconds[-1]
-        if eval_records and config.eval_every and iteration % config.eval_every == 0 and iteration < config.num_iterations:
-            row.update(evaluate_now())
-        if eval_records and iteration == config.num_iterations:
+        if eval_records and ((config.eval_every and iteration % config.eval_every == 0)
+                             or iteration == config.num_iterations):
             row.update(evaluate_now())
         if iteration % config.log_every == 0 or iteration == config.num_iterations or "eval_score" in row:
             run.log.log(iteration, **row)

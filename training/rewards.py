@@ -16,6 +16,7 @@ prompts (e.g. a reference answer to check against). It returns one float per com
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -118,12 +119,11 @@ class Rewards:
 
     @staticmethod
     def _model_scorer(model, tokenizer, bias, device):
-        import contextlib
-
         from .sequences import score_pairs
 
         def score(prompts, completions, **columns):
-            scope = model() if callable(model) and not isinstance(model, torch.nn.Module) else contextlib.nullcontext(model)
+            # a loaded model, or a function entering the scorer (PPO with LoRA: the value model's base)
+            scope = contextlib.nullcontext(model) if isinstance(model, torch.nn.Module) else model()
             with scope as scorer:
                 return (score_pairs(scorer, tokenizer, list(zip(prompts, completions)), 1 << 30, device) + bias).tolist()
 

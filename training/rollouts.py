@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.chat import prompt_ids
+from rlhfkit.hf import resolve_model
 
 from . import distributed, task
 from .common import batched
@@ -32,6 +33,12 @@ class RLOptions:
     model), the KL controller, held-out checkpoint selection, and an RL run's schedule (a
     step is one iteration)."""
 
+    model: str = field(metadata={"help": "policy to start from (the SFT checkpoint): a directory or a Hub id"})
+    prompts_file: str = field(metadata={"help": "prompts JSONL, one {\"prompt\"} per line (text or a conversation); other columns go to --reward-fn"})
+    output_dir: str = field(metadata={"help": "where to publish the policy"})
+    ref_model: str | None = field(default=None, metadata={"help": "reference policy of the KL (default: --model; with LoRA, the policy's adapter disabled)"})
+    eval_prompts_file: str | None = field(default=None, metadata={"help": "held-out prompts: reward, KL and gold utility before the first iteration, every --eval-every and at the end"})
+    num_iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
     max_new_tokens: int = field(default=32, metadata={"help": "response length limit"})
     max_prompt_length: int = field(default=128, metadata={"help": "prompts longer than this keep their last tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (and of their log-probs)"})
@@ -44,6 +51,8 @@ class RLOptions:
     is_level: Literal["token", "sequence"] = field(default="token", metadata={"help": "importance ratio per token or per sequence (the product of its tokens')"})
     select_best: bool = field(default=True, metadata={"help": "with --eval-prompts-file, publish the evaluated policy with the best held-out reward - kl_coef * KL"})
     eval_batch_size: int = field(default=64, metadata={"help": "held-out prompts per evaluation forward"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW; PPO: of the policy and the value model)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "responses per forward/backward in each process, gradients accumulated up to --minibatch-size (0: the whole minibatch at once)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of iterations of linear warmup"})
     min_lr_ratio: float = field(default=1.0, metadata={"help": "cosine decays to this fraction of the peak LR (1: constant)"})
     log_every: int = field(default=1, metadata={"help": "log every N iterations"})
@@ -57,7 +66,7 @@ class RLOptions:
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("max_new_tokens", "max_prompt_length", "eval_batch_size", "kl_horizon"):
+        for name in ("num_iterations", "max_new_tokens", "max_prompt_length", "eval_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -77,6 +86,9 @@ class RLOptions:
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
+    def total_steps(self, n_examples: int = 0) -> int:
+        return self.num_iterations
+
 
 @contextlib.contextmanager
 def frozen(model, adapted):
@@ -95,8 +107,8 @@ class Sampler:
     and updated from the policy by sync() after every optimizer phase; it reports the
     behaviour log-probs the importance correction needs."""
 
-    def __init__(self, engine: str, model_path: str, *, dtype: str, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float = 0.2):
+    def __init__(self, engine: str = "native", model_path: str | None = None, *, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 0, gpu_memory_utilization: float = 0.2):
         if engine not in ROLLOUT_ENGINES:
             raise ValueError(f"rollout_engine must be one of {ROLLOUT_ENGINES}, got {engine!r}")
         self.vllm = None
@@ -141,6 +153,16 @@ class Sampler:
             self.vllm.close()
 
 
+def start_sampler(run, config: RLOptions, policy) -> Sampler:
+    """The run's rollout engine, holding the policy's current weights (a resumed run's too)."""
+    sampler = Sampler(config.rollout_engine, resolve_model(config.model, config.revision), dtype=config.dtype,
+                      seed=config.seed, max_model_len=config.max_prompt_length + config.max_new_tokens + 8,
+                      gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    with run.gathered():
+        sampler.sync(policy)  # a no-op for the native sampler
+    return sampler
+
+
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_t log π/ref over each response [B]: an unbiased estimate of the sequence KL(π || ref)
     on the policy's own samples (what the KL-vs-reward curves put on their x axis)."""
@@ -149,12 +171,12 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
 
 @torch.no_grad()
 def evaluate_on_prompts(prompts: list, columns: dict[str, list], *, tokenizer, policy, ref, rewards, config, end_ids,
-                        device, temperature: float | None = None) -> dict:
+                        device) -> dict:
     """One sampled response per held-out prompt (seeded: comparable across evals), scored by
     the run's rewards. Returns eval_score (the weighted total), eval_kl (sequence KL to the
     reference, k1 on the samples), and eval_task_utility when the prompts are the bundled
     task's. `ref` None: the policy with its adapter disabled (LoRA)."""
-    temperature = temperature or config.temperature
+    temperature = config.temperature
     generator = torch.Generator(device=device).manual_seed(config.seed + 12345 + distributed.rank())
     pad_id = pad_id_of(tokenizer)
     indices = distributed.shard(list(range(len(prompts))))
@@ -215,9 +237,15 @@ def is_statistics(stats: dict, mask: torch.Tensor) -> dict[str, float]:
     kl, ratio, capped, total_tokens, total_units = distributed.all_sum(
         [stats["mismatch_kl"] * tokens, stats["is_ratio_mean"] * units, stats["is_capped_fraction"] * units,
          tokens, units])
-    return {"mismatch_kl": kl / max(total_tokens, 1), "is_ratio_mean": ratio / max(total_units, 1) if total_units else 1.0,
+    return {"mismatch_kl": kl / max(total_tokens, 1), "is_ratio_mean": ratio / total_units if total_units else 1.0,
             "is_ratio_max": distributed.all_max(float(stats["is_ratio_max"])),
             "is_capped_fraction": capped / max(total_units, 1)}
+
+
+def log_first_evaluation(run, result: dict) -> None:
+    """The evaluation before the first iteration: logged at step 0, kept as eval_*_start."""
+    run.log.log(0, **result)
+    run.metrics.update({k + "_start": v for k, v in result.items() if k != "eval_best"})
 
 
 class PromptStream:
@@ -249,6 +277,31 @@ def adapted_kl_coef(kl_coef: float, mean_kl: float, config, responses: int) -> f
         return kl_coef
     error = max(-0.2, min(0.2, mean_kl / config.kl_target - 1))
     return kl_coef * (1 + error * responses / config.kl_horizon)
+
+
+def add_minibatch_stats(stats: dict[str, list[float]], parts: list[dict]) -> None:
+    """Append one minibatch's statistics to stats[name]: its micro-batches' shares (of the
+    minibatch's means over every rank) summed on this rank."""
+    for name in parts[0]:
+        stats.setdefault(name, []).append(sum(float(p[name]) for p in parts if name in p))
+
+
+def minibatch_means(stats: dict[str, list[float]]) -> dict[str, float]:
+    """The iteration's statistics: each minibatch's shares added over the ranks, then the
+    mean over the minibatches."""
+    summed = {k: distributed.all_sum(v) for k, v in stats.items()}
+    return {k: sum(v) / len(v) for k, v in summed.items()}
+
+
+def end_iteration(run, sampler: Sampler, policy, batch: dict, kl_coef: float, config) -> tuple[float, float]:
+    """The iteration's updates are done: the schedule moves on, the rollout engine takes the
+    new weights, and the KL controller reads this rollout's sequence KL over every rank.
+    Returns (that mean KL, the next kl_coef)."""
+    run.end_step()
+    with run.gathered():
+        sampler.sync(policy)
+    mean_kl = distributed.mean(batch["kl"])
+    return mean_kl, adapted_kl_coef(kl_coef, mean_kl, config, len(batch["scores"]) * distributed.world_size())
 
 
 def end_rl_run(run, sampler: Sampler, rewards, select: bool) -> None:

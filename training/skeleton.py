@@ -275,8 +275,8 @@ class Run:
         if not math.isfinite(objective) or (self.best is not None and objective <= self.best["objective"]):
             return False  # a NaN evaluation (a diverged reward model, say) is never the best
         # Rank 0 keeps the copy (DDP replicas are equal; gathering FSDP shards is a collective).
-        state = self.trained_state() if self.config.fsdp or distributed.is_main() else {}
-        weights = {k: v.clone() for k, v in state.items()} if distributed.is_main() else None
+        state = self.trained_state(copy=True) if self.config.fsdp or distributed.is_main() else None
+        weights = state if distributed.is_main() else None
         self.best = {"objective": objective, "step": self.step, "weights": weights,
                      "evaluation": dict(evaluation or {})}
         return True
@@ -375,11 +375,12 @@ class Run:
         saves = sorted(self.save_dir.glob("step-*[0-9]")) if self.save_dir.is_dir() else []
         return saves[-1] if saves else None
 
-    def trained_state(self) -> dict[str, torch.Tensor]:
-        """The trained parameters (LoRA: the adapter and the score head), by name."""
-        if self.config.fsdp:
-            return distributed.full_state_dict(self.module)  # every weight is trained (no LoRA with FSDP)
-        return {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
+    def trained_state(self, copy: bool = False) -> dict[str, torch.Tensor]:
+        """The trained parameters (LoRA: the adapter and the score head), by name, on the CPU;
+        with `copy`, tensors of their own even where the parameters already live on the CPU."""
+        if self.config.fsdp:  # gathered into new CPU tensors; every weight is trained (no LoRA with FSDP)
+            return distributed.full_state_dict(self.module)
+        return {name: p.detach().to("cpu", copy=copy) for name, p in self.module.named_parameters() if p.requires_grad}
 
     def save(self, **extra) -> Path:
         """Write the trained weights, optimizer, schedule, step, metrics, the data position

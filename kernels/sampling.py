@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from rlhfkit.errors import InvalidArgumentError
+
 SAMPLING_EPS = 1e-5  # below this temperature, decoding is greedy (as in vLLM)
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -26,12 +28,8 @@ MAX_LOGPROBS = 20
 SORT_CANDIDATES = 1024
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(InvalidArgumentError):
     """A sampling parameter is out of range; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass

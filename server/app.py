@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import ipaddress
 import json
 import logging
 import signal
@@ -26,10 +27,12 @@ from grpc_reflection.v1alpha import reflection
 from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
+from rlhfkit.server.auth import AccessInterceptor, Tokens
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.feedback_service import FeedbackService
 from rlhfkit.server.http import HttpSide
+from rlhfkit.server.limits import RequestLimits
 from rlhfkit.server.metrics import ServerMetrics
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.store import CheckpointRef, ModelStore, read_checkpoint
@@ -47,8 +50,24 @@ SERVICE_NAMES = [
 ]
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_file(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{option} {path}: {e.strerror or e}") from None
+
+
 @dataclass
-class ServeConfig:
+class ServeConfig(RequestLimits):
     policy: str | None = field(default=None, metadata={"help": "causal LM to serve for generation: a checkpoint directory or a Hugging Face Hub id "
                                                                 "(ORG/NAME, from the Hugging Face cache, downloaded into it if missing unless HF_HUB_OFFLINE=1)"})
     reward: str | None = field(default=None, metadata={"help": "reward model (AutoModelForSequenceClassification, num_labels=1): a directory or a Hub id"})
@@ -75,8 +94,18 @@ class ServeConfig:
     max_prefill_tokens: int = field(default=512, metadata={"help": "native engine: most prompt tokens prefilled in one step; waiting prompts are grouped up to it, and a longer prompt is prefilled in chunks of it between decode steps. Smaller: earlier first tokens and steadier inter-token latency under load; larger: more throughput"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
+    auth_tokens: str | None = field(default=None, metadata={"help": "JSON file of bearer tokens {\"TOKEN\": {\"name\": ..., \"role\": client|annotator|admin}} "
+                                                                    "required on both ports (re-read when it changes; `rlhfkit tokens add` writes one). "
+                                                                    "Without it every caller may do everything"})
+    metrics_token: str | None = field(default=None, metadata={"help": "bearer token /metrics requires (default: /metrics is open)"})
+    insecure_open: bool = field(default=False, metadata={"help": "allow a non-loopback --host without --auth-tokens (anyone who can reach the port may change roles and vote)"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve both ports over TLS (with --tls-key)"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str | None = field(default=None, metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
+    allowed_origins: list[str] = field(default_factory=list, metadata={"help": "origins (scheme://host:port) the labeling API accepts besides the server's own address"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.store and (self.policy or self.reward or self.reference):
             raise ValueError("give --store DIR, or --policy/--reward/--reference directories, not both")
         if not (self.store or self.policy or self.reward):
@@ -102,6 +131,25 @@ class ServeConfig:
             self.feedback_db = f"sqlite:///{path.resolve()}"
         if "://" not in self.feedback_db:
             raise ValueError(f"feedback_db must be a URL (sqlite:///PATH or postgresql://...), got {self.feedback_db!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give --tls-cert and --tls-key together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if not self.auth_tokens and not self.insecure_open and not is_loopback(self.host):
+            raise ValueError(f"--host {self.host} is reachable from other machines, and without --auth-tokens anyone "
+                             "there could change the served model and vote as anyone: give --auth-tokens FILE "
+                             "(rlhfkit tokens add makes one), or --insecure-open to serve it open anyway")
+        for origin in self.allowed_origins:
+            if "://" not in origin:
+                raise ValueError(f"allowed_origins: {origin!r} is not an origin (scheme://host[:port])")
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials of --tls-cert/--tls-key (and --tls-client-ca), None for plaintext."""
+        if not self.tls_cert:
+            return None
+        ca = read_file(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca else None
+        return grpc.ssl_server_credentials([(read_file(self.tls_key, "--tls-key"), read_file(self.tls_cert, "--tls-cert"))],
+                                           root_certificates=ca, require_client_auth=ca is not None)
 
 
 def read_prompts(path: str | None) -> list | None:
@@ -151,7 +199,8 @@ class RlhfkitServer:
         self.store = ModelStore(config.store) if config.store else None
         registry = ModelRegistry(config.device, config.dtype, metrics=self.metrics,
                                  make_engine=lambda lm: make_engine(config, lm, self.metrics))
-        self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh)
+        self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh, limits=config)
+        self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None
         self.feedback_store = FeedbackStore(config.feedback_db)
         self.feedback = FeedbackService(self.state, self.feedback_store)
         self.health = health_aio.HealthServicer()
@@ -163,7 +212,9 @@ class RlhfkitServer:
 
     async def start(self):
         """Listen now; load the models in the background (health says NOT_SERVING meanwhile)."""
-        self.server = grpc.aio.server()
+        limit = self.config.max_request_bytes
+        self.server = grpc.aio.server(interceptors=[AccessInterceptor(self.tokens, self.metrics)],
+                                      options=[("grpc.max_receive_message_length", limit)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(self.state), self.server)
         reward_pb2_grpc.add_RewardServicer_to_server(RewardService(self.state), self.server)
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsService(self.state), self.server)
@@ -171,16 +222,19 @@ class RlhfkitServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
                                             self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = self.config.server_credentials()
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port} (port in use?)")
         for name in [""] + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http = HttpSide(self.config.host, self.config.metrics_port, self.metrics, self.feedback,
-                                          self.state.registry, asyncio.get_running_loop(),
-                                          read_prompts(self.config.feedback_prompts))
+            self._metrics_http = HttpSide(self.config, self.metrics, self.feedback, self.state.registry,
+                                          asyncio.get_running_loop(), read_prompts(self.config.feedback_prompts),
+                                          self.tokens)
             self.metrics_port = self._metrics_http.port
         log.info("listening on %s:%d (metrics: %s)", self.config.host, self.port, self.metrics_port)
         self.loading = asyncio.ensure_future(self._load_then_serve())
@@ -243,7 +297,7 @@ class RlhfkitServer:
             self._watcher.cancel()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.state.registry.shutdown()
-        self.state.scoring_pool.shutdown(wait=False)
+        self.state.shutdown()
         if self._metrics_http:
             self._metrics_http.shutdown()
         self.feedback_store.close()

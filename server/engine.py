@@ -23,21 +23,15 @@ from transformers import DynamicCache
 
 from rlhfkit.chat import end_token_ids
 from rlhfkit.hf import cache_kwargs, output_cache
-from rlhfkit.kernels import SamplingParams, SamplingParamsError, logprobs_from_logits, sample_tokens, sampling_tensors
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.kernels import SamplingParams, logprobs_from_logits, sample_tokens, sampling_tensors
+from rlhfkit.server.errors import EngineStoppedError, QueueFullError
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS, FINISH_ABORT = "length", "stop", "eos", "abort"
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the caller should retry later."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down."""
 
 
 @dataclass
@@ -94,18 +88,22 @@ class PartialPrefill:
 
 
 def check_prompt(lm: LoadedModel, vocab_size: int, prompt_ids: list[int], params: SamplingParams):
-    """Request checks that need the model (every engine runs them); raise SamplingParamsError
+    """Request checks that need the model (every engine runs them); raise InvalidArgumentError
     naming the field."""
     if not prompt_ids:
-        raise SamplingParamsError("prompt", "is empty: give prompt text or prompt_token_ids")
+        raise InvalidArgumentError("prompt", "is empty: give prompt text or prompt_token_ids")
     bad = [t for t in prompt_ids if t >= vocab_size]
     if bad:
-        raise SamplingParamsError("prompt_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
+        raise InvalidArgumentError("prompt_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
-        raise SamplingParamsError("stop_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
+        raise InvalidArgumentError("stop_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
+    if len(prompt_ids) >= lm.context_length:
+        raise InvalidArgumentError(
+            "prompt", f"is {len(prompt_ids)} tokens, and the model's whole context is {lm.context_length} tokens "
+            f"(at least one must be left to generate); shorten the prompt")
     if len(prompt_ids) + params.max_new_tokens > lm.context_length:
-        raise SamplingParamsError(
+        raise InvalidArgumentError(
             "max_new_tokens",
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
             f"the model's context of {lm.context_length} tokens; shorten the prompt or lower "

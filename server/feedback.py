@@ -23,6 +23,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.server.errors import ConflictError, NotFoundError
+
 CHOICES = ("left", "right", "tie", "both_bad")
 
 
@@ -95,19 +98,11 @@ votes = sa.Table(
 )
 
 
-class FeedbackInputError(ValueError):
-    """A field of a feedback request is bad; the message starts with the field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class ComparisonNotFoundError(LookupError):
+class ComparisonNotFoundError(NotFoundError):
     """A vote named a comparison the store does not have."""
 
 
-class VoteConflictError(RuntimeError):
+class VoteConflictError(ConflictError):
     """The annotator already voted differently on this comparison."""
 
 
@@ -215,11 +210,11 @@ class FeedbackStore:
         """Record a vote; returns once it is committed. The same vote again returns the
         recorded one; a different one by the same annotator raises VoteConflictError."""
         if choice not in CHOICES:
-            raise FeedbackInputError("choice", f"must be one of {', '.join(CHOICES)}, got {choice!r}")
+            raise InvalidArgumentError("choice", f"must be one of {', '.join(CHOICES)}, got {choice!r}")
         if not annotator_id:
-            raise FeedbackInputError("annotator_id", "is empty: say who votes (any stable id)")
+            raise InvalidArgumentError("annotator_id", "is empty: say who votes (any stable id)")
         if not comparison_id:
-            raise FeedbackInputError("comparison_id", "is empty")
+            raise InvalidArgumentError("comparison_id", "is empty")
         vote_id = uuid.uuid4().hex
         try:
             with self.engine.begin() as conn:

@@ -2,8 +2,9 @@
 
 Responses come from the served engines through GenerationService's own submit/collect
 path, so a comparison is decoded (and validated, queued, cancelled) exactly like a
-Generate call. The `*_core` methods raise the exceptions of service.STATUS_FOR; the gRPC
-methods turn them into statuses, and the HTTP side (server/http.py) into HTTP errors.
+Generate call. The methods raise the request errors of server/errors.py: the interceptor
+(server/auth.py) turns them into gRPC statuses, the HTTP side (server/http.py) into HTTP
+errors. Votes are recorded under the caller's token name when the server has tokens.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import secrets
 from google.protobuf.json_format import MessageToJson
 
 from rlhfkit.chat import as_messages
-from rlhfkit.server.feedback import FeedbackInputError, FeedbackStore
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.server import limits as lim
+from rlhfkit.server.auth import Identity, caller
+from rlhfkit.server.errors import REQUEST_ERRORS, PermissionDeniedError
+from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.ratings import rate
-from rlhfkit.server.service import REQUEST_ERRORS, GenerationService, ServerState, fail
+from rlhfkit.server.service import GenerationService, ServerState
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 from rlhfkit.v1 import feedback_pb2_grpc as fb_grpc
 from rlhfkit.v1 import generation_pb2 as gen_pb
@@ -36,14 +41,14 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         """Store calls block (disk, network): off the event loop, in the default pool."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    def _submit(self, model: str, request: fb_pb.CreateComparisonRequest, n: int):
+    async def _submit(self, model: str, request: fb_pb.CreateComparisonRequest, n: int):
         """Validate and enqueue n completions of one model for the comparison's prompt (text or
         messages, rendered with that model's chat template exactly as Generate renders them)."""
         s = gen_pb.SamplingParams()
         s.CopyFrom(request.sampling)
         s.n = n
-        return self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=request.prompt,
-                                                             messages=request.messages, sampling=s))
+        return await self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=request.prompt,
+                                                                   messages=request.messages, sampling=s))
 
     async def _collect(self, submitted, n: int):
         """The n completions of a submitted request: [(name, name@version, text)]."""
@@ -56,26 +61,30 @@ class FeedbackService(fb_grpc.FeedbackServicer):
 
     async def create_comparison_core(self, request: fb_pb.CreateComparisonRequest) -> fb_pb.Comparison:
         if request.prompt and request.messages:
-            raise FeedbackInputError("messages", "set exactly one of prompt (text) and messages (a conversation)")
+            raise InvalidArgumentError("messages", "set exactly one of prompt (text) and messages (a conversation)")
         if not request.prompt and not request.messages:
-            raise FeedbackInputError("prompt", "is empty: set prompt (text) or messages (a conversation)")
+            raise InvalidArgumentError("prompt", "is empty: set prompt (text) or messages (a conversation)")
+        lim.check_prompt("", request.prompt, request.messages, self.state.limits)
+        for field, name in (("models.model_a", request.models.model_a), ("models.model_b", request.models.model_b),
+                            ("samples_of", request.samples_of)):
+            lim.check_id(field, name, self.state.limits)
         messages = as_messages(request.messages) if request.messages else None  # INVALID_ARGUMENT naming the turn
         if request.sampling.n > 1:
-            raise FeedbackInputError("sampling.n", f"a comparison has one response per side: leave n unset or 1, "
-                                     f"got {request.sampling.n}")
+            raise InvalidArgumentError("sampling.n", f"a comparison has one response per side: leave n unset or 1, "
+                                       f"got {request.sampling.n}")
         source = request.WhichOneof("source")
         if source is None:
-            raise FeedbackInputError("source", "set models {model_a, model_b} (two models) or samples_of "
-                                     "(two samples of one model)")
+            raise InvalidArgumentError("source", "set models {model_a, model_b} (two models) or samples_of "
+                                       "(two samples of one model)")
         self.state.check_ready()
         if source == "models":
             for model in (request.models.model_a, request.models.model_b):  # both known before decoding either
                 self.state.registry.get(model, "policy")
             # Both validated and queued before either is awaited: a prompt one model refuses (no
             # chat template, too long for its context) must not leave the other decoding for nothing.
-            first = self._submit(request.models.model_a, request, 1)
+            first = await self._submit(request.models.model_a, request, 1)
             try:
-                second = self._submit(request.models.model_b, request, 1)
+                second = await self._submit(request.models.model_b, request, 1)
             except REQUEST_ERRORS:
                 first[0].abort(first[1])
                 raise
@@ -83,9 +92,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             responses = [pair[0][0], pair[1][0]]
         else:
             if request.sampling.temperature <= 0:
-                raise FeedbackInputError("sampling.temperature", "two samples of one model need temperature > 0 "
-                                         "(greedy decoding gives the same text twice)")
-            responses = await self._collect(self._submit(request.samples_of, request, 2), 2)
+                raise InvalidArgumentError("sampling.temperature", "two samples of one model need temperature > 0 "
+                                           "(greedy decoding gives the same text twice)")
+            responses = await self._collect(await self._submit(request.samples_of, request, 2), 2)
         if secrets.randbelow(2):  # sides at random: position must not tell the annotator who answered
             responses.reverse()
         left, right = responses
@@ -95,12 +104,26 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
                                 messages=request.messages)
 
-    async def submit_vote_core(self, request: fb_pb.SubmitVoteRequest) -> fb_pb.SubmitVoteResponse:
+    async def submit_vote_core(self, request: fb_pb.SubmitVoteRequest,
+                               identity: Identity | None = None) -> fb_pb.SubmitVoteResponse:
+        """identity: the caller's token (None on a server without tokens), whose name the vote
+        is recorded under; naming anyone else in annotator_id is refused."""
+        limits = self.state.limits
+        lim.check_id("comparison_id", request.comparison_id, limits)
+        lim.check_id("annotator_id", request.annotator_id, limits)
+        annotator = request.annotator_id
+        if identity is not None:
+            if annotator and annotator != identity.name:
+                raise PermissionDeniedError(f"annotator_id: this token votes as {identity.name!r} only; "
+                                            "leave annotator_id empty or set it to that name")
+            annotator = identity.name
+        if request.HasField("rationale"):
+            lim.check_chars("rationale", request.rationale, limits.max_prompt_chars, "max_prompt_chars")
         if request.choice not in CHOICE_NAMES:
-            raise FeedbackInputError("choice", "must be CHOICE_LEFT, CHOICE_RIGHT, CHOICE_TIE or CHOICE_BOTH_BAD, "
-                                     f"got {fb_pb.Choice.Name(request.choice) if request.choice in fb_pb.Choice.values() else request.choice}")
+            raise InvalidArgumentError("choice", "must be CHOICE_LEFT, CHOICE_RIGHT, CHOICE_TIE or CHOICE_BOTH_BAD, "
+                                       f"got {fb_pb.Choice.Name(request.choice) if request.choice in fb_pb.Choice.values() else request.choice}")
         vote = await self._db(self.store.add_vote, request.comparison_id, CHOICE_NAMES[request.choice],
-                              request.annotator_id, request.rationale if request.HasField("rationale") else None)
+                              annotator, request.rationale if request.HasField("rationale") else None)
         if not vote.already_recorded:
             self.state.metrics.feedback_votes.labels(vote.choice).inc()
         c = vote.comparison
@@ -112,7 +135,7 @@ class FeedbackService(fb_grpc.FeedbackServicer):
     async def leaderboard_core(self, request: fb_pb.GetLeaderboardRequest) -> fb_pb.Leaderboard:
         rounds = request.bootstrap_rounds or 100
         if rounds > 10000:
-            raise FeedbackInputError("bootstrap_rounds", f"must be at most 10000, got {rounds}")
+            raise InvalidArgumentError("bootstrap_rounds", f"must be at most 10000, got {rounds}")
         battles = await self._db(self.store.battles)
         r = await self._db(rate, battles, rounds, request.seed if request.HasField("seed") else 0)
         return fb_pb.Leaderboard(
@@ -125,20 +148,10 @@ class FeedbackService(fb_grpc.FeedbackServicer):
                        for i, m in enumerate(r.models)])
 
     async def CreateComparison(self, request, context):
-        try:
-            return await self.create_comparison_core(request)
-        except REQUEST_ERRORS as e:
-            return await fail(self.state, context, "CreateComparison", e)
+        return await self.create_comparison_core(request)
 
     async def SubmitVote(self, request, context):
-        try:
-            return await self.submit_vote_core(request)
-        except REQUEST_ERRORS as e:
-            return await fail(self.state, context, "SubmitVote", e)
+        return await self.submit_vote_core(request, caller.get())
 
     async def GetLeaderboard(self, request, context):
-        try:
-            return await self.leaderboard_core(request)
-        except REQUEST_ERRORS as e:
-            return await fail(self.state, context, "GetLeaderboard", e)
-
+        return await self.leaderboard_core(request)

@@ -20,7 +20,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rlhfkit.server.service import REQUEST_ERRORS, STATUS_FOR
+from rlhfkit.server.errors import REQUEST_ERRORS, http_status_for
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "label.html", "/label": "label.html", "/leaderboard": "leaderboard.html"}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 412,
-               "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}
 # Drawn when the server was given no --feedback-prompts file. A file's line is {"prompt": TEXT}
 # or, TRL's conversational prompt, {"prompt": [{"role": ..., "content": ...}, ...]}.
 DEFAULT_PROMPTS = ["the cat", "Write a haiku about the sea.", "Explain what a reward model is, in one sentence.",
@@ -41,8 +39,9 @@ API = {"/api/comparisons": (fb_pb.CreateComparisonRequest, "create_comparison_co
 
 
 class HttpSide:
-    def __init__(self, host: str, port: int, metrics, feedback, registry, loop: asyncio.AbstractEventLoop,
-                 prompts: list[str] | None = None):
+    def __init__(self, config, metrics, feedback, registry, loop: asyncio.AbstractEventLoop,
+                 prompts: list[str] | None = None, tokens=None):
+        host, port = config.host, config.metrics_port
         side = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -107,9 +106,9 @@ class HttpSide:
         try:
             response = future.result(timeout=600)
         except REQUEST_ERRORS as e:
-            code = STATUS_FOR[type(e)].name
+            status, code = http_status_for(e)
             self.metrics.rpc_errors.labels(f"http:{method.removesuffix('_core')}", code).inc()
-            return self.error(h, HTTP_STATUS.get(code, 400), code, str(e))
+            return self.error(h, status, code, str(e))
         return self.json(h, 200, MessageToDict(response, preserving_proto_field_name=True,
                                                always_print_fields_with_no_presence=True))
 

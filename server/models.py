@@ -18,13 +18,6 @@ from rlhfkit.server.kv_cache import AttentionLayout
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelNotFoundError(KeyError):
-    """A request named a model the server does not serve."""
-
-    def __str__(self):
-        return self.args[0]
-
-
 @dataclass
 class LoadedModel:
     name: str

@@ -15,17 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from rlhfkit.errors import shortened
+from rlhfkit.server.errors import ModelNotFoundError
 from rlhfkit.server.models import LoadedModel, load_checkpoint
 from rlhfkit.server.store import ROLES, CheckpointRef
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(KeyError):
-    """A request named a model the server does not serve."""
-
-    def __str__(self):
-        return self.args[0]
 
 
 @dataclass
@@ -59,10 +54,11 @@ class ModelRegistry:
             m = self.models.get(key)
             known = sorted(set(self.models) | set(self.roles))
         if m is None:
-            raise ModelNotFoundError(f"model {name or role!r} is not served here; served: {', '.join(known) or 'none'}")
+            raise ModelNotFoundError(f"model {shortened(name or role)!r} is not served here; served: "
+                                     f"{', '.join(known) or 'none'}")
         want = "reward" if role == "reward" else "policy"
         if m.kind != want:
-            raise ModelNotFoundError(f"model {name or role!r} is a {m.kind} model, not a {want} model")
+            raise ModelNotFoundError(f"model {shortened(name or role)!r} is a {m.kind} model, not a {want} model")
         return m
 
     def find(self, name: str, role: str) -> LoadedModel | None:

@@ -3,11 +3,15 @@ entropy and KL of a response under the policy and the reference."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from rlhfkit.chat import Prompt, reward_ids
-from rlhfkit.kernels import (KL_ESTIMATORS, SamplingParamsError, full_kl_from_logits, kl_from_logprobs,
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.kernels import (KL_ESTIMATORS, full_kl_from_logits, kl_from_logprobs,
                              logprobs_from_logits)
+from rlhfkit.server.errors import DeadlineExceededError
 from rlhfkit.server.models import LoadedModel
 
 
@@ -22,17 +26,25 @@ def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: int = 32) -> list[float]:
+def stop_if_abandoned(should_stop: Callable[[], bool] | None):
+    if should_stop is not None and should_stop():
+        raise DeadlineExceededError("the call was cancelled or its deadline passed; scoring stopped")
+
+
+def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: int = 32,
+                should_stop: Callable[[], bool] | None = None) -> list[float]:
     """Rewards for (prompt, response) pairs, the prompt text or a conversation, rendered by
     rlhfkit.chat.reward_ids as the RM trainer renders them; batched with right padding. The
     model reads the reward at the last non-padding token (AutoModelForSequenceClassification's
-    rule), so padding does not change a score; plus the checkpoint's reward_bias, if any."""
+    rule), so padding does not change a score; plus the checkpoint's reward_bias, if any.
+    `should_stop` is asked between micro-batches (the call was cancelled or ran past its
+    deadline)."""
     encoded = [reward_ids(rm.tokenizer, p, r) for p, r in items]
     for i, ids in enumerate(encoded):
         if not ids:
-            raise SamplingParamsError(f"items[{i}]", "prompt and response are both empty")
+            raise InvalidArgumentError(f"items[{i}]", "prompt and response are both empty")
         if len(ids) > rm.context_length:
-            raise SamplingParamsError(
+            raise InvalidArgumentError(
                 f"items[{i}]", f"prompt + response is {len(ids)} tokens, over the reward model's "
                 f"context of {rm.context_length}; shorten it")
     # `rlhfkit train rm` centres rewards after training (SFT demonstrations score 0 on
@@ -41,6 +53,7 @@ def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: in
     rewards: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
+            stop_if_abandoned(should_stop)
             ids, mask = right_padded(encoded[start:start + batch_size], rm.model.config.pad_token_id)
             out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device))
             rewards += (out.logits[:, 0].float() + bias).tolist()
@@ -49,7 +62,7 @@ def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: in
 
 def token_scores(policy: LoadedModel, reference: LoadedModel | None,
                  items: list[tuple[list[int], list[int]]], temperature: float = 1.0,
-                 batch_size: int = 16) -> list[dict[str, list[float]]]:
+                 batch_size: int = 16, should_stop: Callable[[], bool] | None = None) -> list[dict[str, list[float]]]:
     """Per response token: log-prob under the policy (and reference), entropy, the k1/k2/k3
     KL estimates and the exact full-vocabulary KL, through rlhfkit.kernels (the functions
     PPO training uses). `items` are (prompt_ids, response_ids); the logits at position t
@@ -58,6 +71,7 @@ def token_scores(policy: LoadedModel, reference: LoadedModel | None,
     pad = policy.tokenizer.pad_token_id or 0
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
+            stop_if_abandoned(should_stop)
             chunk = items[start:start + batch_size]
             ids, mask = right_padded([p + r for p, r in chunk], pad)
             labels = torch.full(ids.shape, -100, dtype=torch.long)

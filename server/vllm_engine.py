@@ -19,8 +19,8 @@ import uuid
 
 from rlhfkit.chat import end_token_ids
 from rlhfkit.kernels import SamplingParams
-from rlhfkit.server.engine import (FINISH_ABORT, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineStoppedError,
-                                   QueueFullError, Request, Sequence, SequenceOutput, check_prompt)
+from rlhfkit.server.errors import EngineStoppedError, QueueFullError
+from rlhfkit.server.engine import (FINISH_ABORT, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Request, Sequence, SequenceOutput, check_prompt)
 from rlhfkit.server.models import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from rlhfkit.clients.cli import main as cli_main
-from rlhfkit.server.feedback import (ComparisonNotFoundError, FeedbackInputError, FeedbackStore, VoteConflictError,
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.server.feedback import (ComparisonNotFoundError, FeedbackStore, VoteConflictError,
                                      database_url, export_records)
 from rlhfkit.training.data import read_jsonl
 from rlhfkit.training.rm import read_rankings
@@ -99,9 +100,9 @@ def test_votes_idempotent_conflicting_and_bad(store):
     assert store.add_vote(cid, "tie", "bob").vote_id != v.vote_id
     with pytest.raises(ComparisonNotFoundError):
         store.add_vote("f" * 32, "left", "alice")
-    with pytest.raises(FeedbackInputError, match="^choice:"):
+    with pytest.raises(InvalidArgumentError, match="^choice:"):
         store.add_vote(cid, "middle", "carol")
-    with pytest.raises(FeedbackInputError, match="^annotator_id:"):
+    with pytest.raises(InvalidArgumentError, match="^annotator_id:"):
         store.add_vote(cid, "left", "")
     assert [(r["annotator_id"], r["choice"]) for r in store.voted_comparisons()] == [("alice", "left"), ("bob", "tie")]
 

@@ -24,18 +24,16 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
+from rlhfkit.errors import InvalidArgumentError
+
 ROLES = ("system", "user", "assistant")
 
 Messages = list[dict]
 Prompt = Union[str, Messages]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InvalidArgumentError):
     """A conversation is malformed (or the template refuses it); `field` names where."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class NoChatTemplateError(ValueError):

@@ -1,9 +1,19 @@
 """Python clients for a running rlhfkit server: `Client` (blocking) and `AsyncClient`
 (asyncio). Both return the protobuf messages of rlhfkit.v1; errors are grpc.RpcError
-(grpc.aio.AioRpcError) carrying the server's status code and message."""
+(grpc.aio.AioRpcError) carrying the server's status code and message.
+
+Access (ARCHITECTURE.md, Access and transport): `token=` (default: the RLHFKIT_TOKEN
+environment variable) is sent as `authorization: Bearer TOKEN` metadata on every call;
+`tls_ca=` (the CA that signed the server's certificate) makes the channel TLS, and
+`tls_cert=` / `tls_key=` add a client certificate for a server with --tls-client-ca (mutual
+TLS). A token on a plaintext channel travels in the clear: use TLS beyond loopback.
+"""
 
 from __future__ import annotations
 
+import collections
+import os
+from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator, Mapping, Sequence, Union
 
 import grpc
@@ -143,6 +153,108 @@ def leaderboard_request(bootstrap_rounds: int = 0, seed: int | None = None) -> f
     return req
 
 
+TOKEN_ENV = "RLHFKIT_TOKEN"
+PemSource = Union[str, os.PathLike, bytes, None]
+
+
+def read_pem(source: PemSource, option: str) -> bytes | None:
+    """The PEM bytes of a file path (or the bytes themselves, or None); ValueError naming
+    `option` when the file cannot be read or holds no PEM block."""
+    if source is None or isinstance(source, bytes):
+        data, where = source, "the bytes given"
+    else:
+        where = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{option} {where}: cannot read it: {e.strerror or e}") from None
+    if data is not None and b"-----BEGIN" not in data:
+        raise ValueError(f"{option} {where}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def resolve_token(token: str | None) -> str | None:
+    """token, or RLHFKIT_TOKEN when it is None; "" means none. Surrounding whitespace (a
+    newline from a file) is dropped; a token with whitespace inside is a ValueError."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV)
+    token = (token or "").strip()
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError("the token has whitespace or control characters in it (is it the whole token file?)")
+    return token or None
+
+
+def channel_credentials(tls_ca: PemSource = None, tls_cert: PemSource = None, tls_key: PemSource = None,
+                        tls: bool = False) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials (None: plaintext). TLS when any of them is given or tls=True;
+    without tls_ca the server's certificate is checked against gRPC's default roots."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("give tls_cert and tls_key together (the client certificate and its key)")
+    if not (tls or tls_ca or tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, "tls_ca"),
+                                        private_key=read_pem(tls_key, "tls_key"),
+                                        certificate_chain=read_pem(tls_cert, "tls_cert"))
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+def _with_token(metadata, token: str) -> list:
+    return [*(metadata or ()), ("authorization", f"Bearer {token}")]
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """`authorization: Bearer TOKEN` on every call of a plaintext channel (gRPC sends call
+    credentials only over TLS or local connections)."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, _with_token(d.metadata, self.token), d.credentials,
+                            d.wait_for_ready, getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+class _AsyncTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
+    def _details(self, d):
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self.token)),
+                                          d.credentials, d.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def _channel(address: str, token, tls_ca, tls_cert, tls_key, tls: bool, aio: bool):
+    """A channel to address: TLS with the token as call credentials, or plaintext with the
+    token added by an interceptor."""
+    token = resolve_token(token)
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key, tls)
+    if credentials is not None:
+        if token:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+        return grpc.aio.secure_channel(address, credentials) if aio else grpc.secure_channel(address, credentials)
+    if aio:
+        return grpc.aio.insecure_channel(address, interceptors=[_AsyncTokenInterceptor(token)] if token else None)
+    channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _TokenInterceptor(token)) if token else channel
+
+
 class _Stubs:
     def __init__(self, channel):
         self.channel = channel
@@ -154,10 +266,19 @@ class _Stubs:
 
 
 class Client(_Stubs):
-    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+    """Blocking client. `timeout` (seconds) is the default deadline of every call.
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        super().__init__(grpc.insecure_channel(address))
+    `token`: sent as `authorization: Bearer TOKEN` on every call (default: the
+    RLHFKIT_TOKEN environment variable; "" sends none). `tls_ca`: PEM file (or bytes) of the CA
+    that signed the server's certificate, making the channel TLS; `tls_cert` / `tls_key`: a
+    client certificate and its key for mutual TLS; `tls=True`: TLS checked against gRPC's
+    default root certificates (implied by the others). ValueError names an unreadable file."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
+                 tls_ca: PemSource = None, tls_cert: PemSource = None, tls_key: PemSource = None, *,
+                 tls: bool = False):
+        super().__init__(_channel(address, token, tls_ca, tls_cert, tls_key, tls, aio=False))
+        self.address = address
         self.timeout = timeout
 
     def generate(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
@@ -238,10 +359,13 @@ class Client(_Stubs):
 
 
 class AsyncClient(_Stubs):
-    """asyncio client; use inside a running event loop."""
+    """asyncio client; use inside a running event loop. Options as Client's."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        super().__init__(grpc.aio.insecure_channel(address))
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
+                 tls_ca: PemSource = None, tls_cert: PemSource = None, tls_key: PemSource = None, *,
+                 tls: bool = False):
+        super().__init__(_channel(address, token, tls_ca, tls_cert, tls_key, tls, aio=True))
+        self.address = address
         self.timeout = timeout
 
     async def generate(self, prompt: str | Messages | None = None, *, timeout: float | None = None,

@@ -13,6 +13,7 @@ import importlib.util
 import ipaddress
 import json
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -97,7 +98,8 @@ class ServeConfig(RequestLimits):
     auth_tokens: str | None = field(default=None, metadata={"help": "JSON file of bearer tokens {\"TOKEN\": {\"name\": ..., \"role\": client|annotator|admin}} "
                                                                     "required on both ports (re-read when it changes; `rlhfkit tokens add` writes one). "
                                                                     "Without it every caller may do everything"})
-    metrics_token: str | None = field(default=None, metadata={"help": "bearer token /metrics requires (default: /metrics is open)"})
+    metrics_token: str | None = field(default=None, metadata={"help": "bearer token /metrics requires (default: the RLHFKIT_METRICS_TOKEN environment variable; "
+                                                                      "unset: /metrics is open). On the command line it is visible to local users: prefer the variable"})
     insecure_open: bool = field(default=False, metadata={"help": "allow a non-loopback --host without --auth-tokens (anyone who can reach the port may change roles and vote)"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve both ports over TLS (with --tls-key)"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
@@ -131,6 +133,8 @@ class ServeConfig(RequestLimits):
             self.feedback_db = f"sqlite:///{path.resolve()}"
         if "://" not in self.feedback_db:
             raise ValueError(f"feedback_db must be a URL (sqlite:///PATH or postgresql://...), got {self.feedback_db!r}")
+        if self.metrics_token is None:
+            self.metrics_token = os.environ.get("RLHFKIT_METRICS_TOKEN") or None
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give --tls-cert and --tls-key together")
         if self.tls_client_ca and not self.tls_cert:
@@ -328,8 +332,11 @@ class ServerThread:
 
 
 async def _serve_forever(config: ServeConfig):
-    server = RlhfkitServer(config)
-    await server.start()
+    try:
+        server = RlhfkitServer(config)
+        await server.start()
+    except (ValueError, OSError) as e:  # a bad tokens or TLS file, a port in use: say so, no traceback
+        raise SystemExit(f"rlhfkit serve: {e}") from None
     print(f"rlhfkit: gRPC on {config.host}:{server.port}"
           + (f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""),
           flush=True)

@@ -34,6 +34,11 @@ class RewardOptions:
     reward_model: str | None = field(default=None, metadata={"help": "reward model checkpoint (a directory or a Hub id), scored in process"})
     reward_server: str | None = field(default=None, metadata={"help": "HOST:PORT of a running `rlhfkit serve` whose Reward.Score scores the responses"})
     reward_server_model: str = field(default="", metadata={"help": "which of the server's reward models scores (default: its reward role)"})
+    # A file, not the token itself: the run's options are written into its checkpoints and resume state.
+    reward_server_token_file: str | None = field(default=None, metadata={"help": "file holding the bearer token for a --reward-server started with --auth-tokens (a client role suffices; default: the RLHFKIT_TOKEN environment variable)"})
+    reward_server_tls_ca: str | None = field(default=None, metadata={"help": "PEM CA certificate that signed the --reward-server's certificate: score over TLS"})
+    reward_server_tls_cert: str | None = field(default=None, metadata={"help": "PEM client certificate for a --reward-server with --tls-client-ca (mutual TLS; with --reward-server-tls-key)"})
+    reward_server_tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --reward-server-tls-cert"})
     reward_fn: list[str] = field(default_factory=list, metadata={"help": "Python reward functions, module:function or file.py:function: f(prompts, completions, **columns) -> list[float]"})
     reward_weights: list[float] = field(default_factory=list, metadata={"help": "one weight per reward source, in the order --reward-model, --reward-server, then each --reward-fn (default: all 1)"})
 
@@ -48,6 +53,13 @@ class RewardOptions:
         for spec in self.reward_fn:
             if spec.count(":") != 1 or not all(spec.split(":")):
                 raise ValueError(f"reward_fn must be module:function or file.py:function, got {spec!r}")
+        access = [name for name in ("reward_server_token_file", "reward_server_tls_ca", "reward_server_tls_cert",
+                                    "reward_server_tls_key") if getattr(self, name)]
+        if access and not self.reward_server:
+            raise ValueError(f"{access[0]} is for --reward-server HOST:PORT, which is not given")
+        if bool(self.reward_server_tls_cert) != bool(self.reward_server_tls_key):
+            raise ValueError("give reward_server_tls_cert and reward_server_tls_key together (the client certificate "
+                             "and its key)")
 
     def reward_sources(self) -> int:
         return bool(self.reward_model) + bool(self.reward_server) + len(self.reward_fn)
@@ -73,14 +85,39 @@ def load_reward_function(spec: str):
     return fn
 
 
-class ServerRewards:
-    """Reward.Score of a running server, one RPC per batch."""
+def read_token_file(path: str, option: str) -> str:
+    """The token in a file (surrounding whitespace dropped); ValueError naming `option`."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{option} {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    if not token:
+        raise ValueError(f"{option} {path}: the file is empty")
+    return token
 
-    def __init__(self, address: str, model: str = "", timeout: float = 120.0):
+
+class ServerRewards:
+    """Reward.Score of a running server, one RPC per batch. `token` (default: the
+    RLHFKIT_TOKEN environment variable) and the TLS files (PEM paths) go to the Client."""
+
+    def __init__(self, address: str, model: str = "", timeout: float = 120.0, *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None):
         from rlhfkit.clients import Client
+        from rlhfkit.clients.client import read_pem
 
         self.address, self.model = address, model
-        self.client = Client(address, timeout=timeout)
+        self.client = Client(address, timeout=timeout, token=token,
+                             tls_ca=read_pem(tls_ca, "--reward-server-tls-ca"),
+                             tls_cert=read_pem(tls_cert, "--reward-server-tls-cert"),
+                             tls_key=read_pem(tls_key, "--reward-server-tls-key"))
+
+    @classmethod
+    def from_options(cls, options: RewardOptions) -> "ServerRewards":
+        token = (read_token_file(options.reward_server_token_file, "--reward-server-token-file")
+                 if options.reward_server_token_file else None)
+        return cls(options.reward_server, options.reward_server_model, token=token,
+                   tls_ca=options.reward_server_tls_ca, tls_cert=options.reward_server_tls_cert,
+                   tls_key=options.reward_server_tls_key)
 
     def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
         import grpc
@@ -88,8 +125,19 @@ class ServerRewards:
         try:
             return self.client.score(list(zip(prompts, completions)), model=self.model)
         except grpc.RpcError as e:
-            raise RuntimeError(f"--reward-server {self.address}: Score failed ({e.code().name}: {e.details()}); is "
-                               f"`rlhfkit serve` running there with a reward model?") from None
+            code = e.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                hint = ("the server wants a token with the client role: give --reward-server-token-file FILE or set "
+                        "RLHFKIT_TOKEN")
+            elif code == grpc.StatusCode.PERMISSION_DENIED:
+                hint = "the token's role may not call Score: ask the server's admin for a client token"
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                hint = ("is `rlhfkit serve` running there? A server with --tls-cert needs --reward-server-tls-ca "
+                        "(and --reward-server-tls-cert/--reward-server-tls-key with mutual TLS)")
+            else:
+                hint = "is `rlhfkit serve` running there with a reward model?"
+            raise RuntimeError(f"--reward-server {self.address}: Score failed ({code.name}: {e.details()}); "
+                               f"{hint}") from None
 
     def close(self):
         self.client.close()
@@ -107,7 +155,7 @@ class Rewards:
         if options.reward_model:
             self.sources.append(("reward_model", self._model_scorer(reward_model, rm_tokenizer, reward_bias, device)))
         if options.reward_server:
-            self.sources.append(("reward_server", ServerRewards(options.reward_server, options.reward_server_model)))
+            self.sources.append(("reward_server", ServerRewards.from_options(options)))
         for spec in options.reward_fn:
             fn = load_reward_function(spec)
             name = f"reward_fn_{fn.__name__}"

@@ -1,8 +1,10 @@
 """The `rlhfkit` command line.
 
 Client commands (generate, score, compare, chat, models, feedback leaderboard) talk to a
-running server and need only grpc; `serve`, `train`, `quickstart` and `init-demo` import the
-server or the training module when run.
+running server and need only grpc; each takes the server's token (--token / RLHFKIT_TOKEN)
+and TLS files (--tls-ca, --tls-cert, --tls-key). `tokens` edits a server's tokens file;
+`serve`, `train`, `quickstart` and `init-demo` import the server or the training module when
+run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,21 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from rlhfkit.chat import ChatFormatError, as_messages
-from rlhfkit.clients.client import Client, score_request
+from rlhfkit.clients.client import TOKEN_ENV, Client, read_pem, resolve_token, score_request
 from rlhfkit.v1 import generation_pb2, models_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+ACCESS_HELP = f"""access:
+  A server started with --auth-tokens FILE wants a token on every call: set {TOKEN_ENV}
+  (or give --token TOKEN; a token on the command line is visible to other local users,
+  e.g. in `ps`). UNAUTHENTICATED means no token or one the server does not know;
+  PERMISSION_DENIED means the token's role lacks the right (client < annotator < admin):
+  ask the server's admin for a token (`rlhfkit tokens add NAME --role ROLE --file FILE`).
+  A server started with --tls-cert/--tls-key speaks TLS only: give --tls-ca FILE (the CA
+  that signed its certificate), and with --tls-client-ca (mutual TLS) also --tls-cert FILE
+  --tls-key FILE, your client certificate and key."""
 
 
 def _client_args(p: argparse.ArgumentParser, json_help: str = "print the full response as JSON (machine-readable)"):
@@ -27,6 +40,62 @@ def _client_args(p: argparse.ArgumentParser, json_help: str = "print the full re
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the call")
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--model", default="", help="model name or role (default: the role's model)")
+    access = p.add_argument_group("access (a server with --auth-tokens, --tls-cert)")
+    access.add_argument("--token", default=None,
+                        help=f"bearer token for a server with --auth-tokens (default: the {TOKEN_ENV} environment "
+                             "variable; prefer it: a token on the command line is visible to other local users)")
+    access.add_argument("--tls-ca", metavar="FILE", help="PEM CA certificate that signed the server's certificate: "
+                                                         "connect over TLS and trust it")
+    access.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate, for a server with --tls-client-ca "
+                                                           "(mutual TLS; with --tls-key)")
+    access.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    access.add_argument("--tls", action="store_true", help="connect over TLS, checking the server's certificate "
+                                                           "against gRPC's default root CAs (implied by --tls-ca)")
+    p.set_defaults(parser=p)
+
+
+def connect(args) -> Client:
+    """The Client of a command's --address, --timeout, --token and --tls-* options; a file
+    that cannot be read, or a half-given client certificate, is an argparse error naming it."""
+    try:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ValueError("give --tls-cert FILE and --tls-key FILE together (your client certificate and its key)")
+        try:
+            token = resolve_token(args.token)
+        except ValueError as e:
+            source = "--token" if args.token is not None else TOKEN_ENV
+            raise ValueError(f"{source}: {e}") from None
+        return Client(args.address, timeout=args.timeout, token=token or "",
+                      tls_ca=read_pem(args.tls_ca, "--tls-ca"), tls_cert=read_pem(args.tls_cert, "--tls-cert"),
+                      tls_key=read_pem(args.tls_key, "--tls-key"), tls=args.tls)
+    except ValueError as e:
+        args.parser.error(str(e))
+
+
+ACCESS_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def error_advice(args, error: grpc.RpcError) -> str:
+    """What to do about an access or connection error ("" for the others)."""
+    code = error.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if getattr(args, "token", None) is None and not os.environ.get(TOKEN_ENV, "").strip():
+            return (f"the server wants a token: set {TOKEN_ENV}=TOKEN (or give --token TOKEN); ask the server's admin "
+                    "for one (`rlhfkit tokens add NAME --role ROLE --file FILE`)")
+        source = "--token" if getattr(args, "token", None) is not None else TOKEN_ENV
+        return (f"the server does not accept the token of {source} (a typo, or it was removed from the server's "
+                "tokens file): ask the server's admin for a valid one")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ("your token's role lacks this right (client < annotator < admin): ask the server's admin for a token "
+                "with a role that has it")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        address = getattr(args, "address", DEFAULT_ADDRESS)
+        if getattr(args, "tls_ca", None) or getattr(args, "tls", False):
+            return (f"is `rlhfkit serve` running at {address} with TLS, with a certificate signed by the CA you gave "
+                    "(--tls-ca) and naming this host? With --tls-client-ca it also needs --tls-cert/--tls-key")
+        return (f"is `rlhfkit serve` running at {address}? A server with --tls-cert needs --tls-ca FILE "
+                "(and --tls-cert/--tls-key with mutual TLS)")
+    return ""
 
 
 def _sampling_args(p: argparse.ArgumentParser):
@@ -119,7 +188,7 @@ def sampling_kwargs(args) -> dict:
 def cmd_generate(args) -> int:
     prompt = prompt_or_messages(args)
     kwargs = dict(sampling_kwargs(args), n=args.n, logprobs=args.logprobs, ignore_eos=args.ignore_eos)
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         if args.stream:
             for chunk in client.generate_stream(prompt, **kwargs):
                 if args.json:
@@ -142,7 +211,7 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     prompt, responses = split_positionals(args, args.texts, ["RESPONSE"], at_least=True)
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         resp = client.reward.Score(score_request([(prompt, r) for r in responses], args.model),
                                    timeout=args.timeout)
     if args.json:
@@ -155,7 +224,7 @@ def cmd_score(args) -> int:
 
 def cmd_compare(args) -> int:
     prompt, (response_a, response_b) = split_positionals(args, args.texts, ["RESPONSE_A", "RESPONSE_B"])
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         resp = client.compare(prompt, response_a, response_b, model=args.model)
     if args.json:
         _print_json(resp)
@@ -191,7 +260,7 @@ def cmd_chat(args) -> int:
         except ImportError:
             pass
         note(f"rlhfkit chat with {args.model or 'the policy'} at {args.address}; /help lists the commands")
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         while True:
             try:
                 line = input("> " if interactive else "")
@@ -234,6 +303,8 @@ def cmd_chat(args) -> int:
             except grpc.RpcError as e:
                 if not args.json and reply:
                     print(flush=True)
+                if e.code() in ACCESS_CODES:
+                    raise  # the next turn would be refused the same way: main says what to do
                 note(f"error: {e.code().name}: {e.details()}")
                 continue  # the turn is not kept: the next line continues from the history before it
             except KeyboardInterrupt:
@@ -276,10 +347,10 @@ def cmd_models(args) -> int:
                 sys.exit(f"rlhfkit models promote: {e.args[0] if isinstance(e, KeyError) else e}")
             print(f"{args.store}: {args.role} -> {args.name}")
             return 0
-        with Client(args.address, timeout=args.timeout) as client:
+        with connect(args) as client:
             _print_models(client.set_role(args.name, args.role), args.json)
         return 0
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         resp = client.models.ListModels(models_pb2.ListModelsRequest(),
                                         timeout=args.timeout)
     _print_models(resp.models, args.json)
@@ -290,7 +361,7 @@ def cmd_models(args) -> int:
 
 def cmd_feedback(args) -> int:
     if args.action == "leaderboard":
-        with Client(args.address, timeout=args.timeout) as client:
+        with connect(args) as client:
             board = client.leaderboard(args.bootstrap_rounds)
         if args.json:
             _print_json(board)
@@ -323,6 +394,62 @@ def cmd_feedback(args) -> int:
     return 0
 
 
+def _write_tokens(path: str, raw: dict):
+    """The tokens file rewritten whole (mode 0600, replaced at once: the server never reads
+    half a file)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+    os.replace(tmp, path)
+
+
+def cmd_tokens(args) -> int:
+    from rlhfkit.server.auth import ROLES, add_token, parse_tokens
+
+    where = f"rlhfkit tokens {args.action}"
+    if args.action in ("add", "remove") and not args.name:
+        args.parser.error(f"give the NAME the token is for: rlhfkit tokens {args.action} NAME --file FILE")
+    if args.action == "add" and not args.role:
+        args.parser.error(f"give the token's --role ({', '.join(ROLES)})")
+    if args.action == "list" and args.name:
+        args.parser.error("rlhfkit tokens list takes no NAME (it lists every name and role)")
+    if args.action == "add":
+        try:
+            token = add_token(args.file, args.name, args.role)
+        except (OSError, ValueError) as e:
+            sys.exit(f"{where}: {e}")
+        print(token)
+        print(f"{where}: {args.name} ({args.role}) added to {args.file}. The token is shown only now: hand it to "
+              f"{args.name} privately (they set {TOKEN_ENV}); a running server picks it up within a second or two.",
+              file=sys.stderr)
+        return 0
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+        raw = json.loads(text) if text.strip() else {}
+        parse_tokens(json.dumps(raw), args.file)  # a file the server would refuse is reported, not edited
+    except OSError as e:
+        sys.exit(f"{where}: {args.file}: {e.strerror or e}")
+    except ValueError as e:
+        sys.exit(f"{where}: {e}")
+    entries = list(raw.values())
+    if args.action == "remove":
+        kept = {t: e for t, e in raw.items() if e["name"] != args.name}
+        if len(kept) == len(raw):
+            sys.exit(f"{where}: {args.file} has no token named {args.name!r}")
+        _write_tokens(args.file, kept)
+        print(f"{where}: removed {len(raw) - len(kept)} token(s) of {args.name} from {args.file}; a running server "
+              "refuses them within a second or two", file=sys.stderr)
+        return 0
+    if args.json:  # names and roles only: the tokens themselves are never printed again
+        print(json.dumps([{"name": e["name"], "role": e["role"]} for e in entries], indent=2))
+    else:
+        for e in entries:
+            print(f"{e['name']}\t{e['role']}")
+    return 0
+
+
 def cmd_init_demo(args) -> int:
     from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
@@ -340,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlhfkit",
         description="Serve and improve an RLHF-trained language model. "
                     "Start a server with `rlhfkit serve`, then call it with generate / score / compare / chat / "
-                    "models.")
+                    "models.",
+        epilog=ACCESS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # serve and train build their own parsers (from their config dataclasses) when run, so the
@@ -428,6 +556,25 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=cmd_feedback)
 
+    from rlhfkit.server.auth import ROLES
+
+    p = sub.add_parser("tokens", help="add, list or remove the bearer tokens of a server's --auth-tokens file",
+                       description="Edit the tokens file of `rlhfkit serve --auth-tokens FILE` (a running server "
+                                   "re-reads it when it changes). `rlhfkit tokens add NAME --role ROLE --file FILE` "
+                                   "makes a random token for NAME, adds it (creating the file, readable by its owner "
+                                   "only) and prints it once, on stdout; it is not shown again. `rlhfkit tokens list "
+                                   "--file FILE` prints names and roles, never tokens. `rlhfkit tokens remove NAME "
+                                   "--file FILE` revokes NAME's tokens. Roles: client (generate, score, log-probs, "
+                                   "list models, create comparisons, read the leaderboard), annotator (client + "
+                                   "votes, recorded under NAME), admin (everything, including `models promote`).")
+    p.add_argument("action", choices=["add", "list", "remove"])
+    p.add_argument("name", nargs="?", help="who the token is for, e.g. ann-7 (add, remove); votes are recorded "
+                                          "under it")
+    p.add_argument("--role", choices=ROLES, help="the token's role (add)")
+    p.add_argument("--file", required=True, help="the tokens file (JSON) the server reads with --auth-tokens")
+    p.add_argument("--json", action="store_true", help="list: a JSON list of {name, role}")
+    p.set_defaults(func=cmd_tokens, parser=p)
+
     p = sub.add_parser("init-demo", help="write a random-weight tiny policy and reward model to serve",
                        description="Write a tiny Llama policy and reward model with random weights and a tokenizer "
                                    "trained on the spot (no download). For trying the server, not for quality.")
@@ -474,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except grpc.RpcError as e:
-        sys.exit(f"rlhfkit {args.command}: {e.code().name}: {e.details()}")
+        advice = error_advice(args, e)
+        sys.exit(f"rlhfkit {args.command}: {e.code().name}: {e.details()}" + (f"\n  {advice}" if advice else ""))
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         return continuation(self._details(client_call_details), request)
 
 
-class _AsyncTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _AsyncTokenInterceptor:
     def __init__(self, token: str):
         self.token = token
 
@@ -233,9 +233,14 @@ class _AsyncTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Unar
         return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self.token)),
                                           d.credentials, d.wait_for_ready)
 
+
+# Two classes: grpc.aio files an interceptor under the first kind it is an instance of only.
+class _AsyncUnaryTokenInterceptor(_AsyncTokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AsyncStreamTokenInterceptor(_AsyncTokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
@@ -250,7 +255,8 @@ def _channel(address: str, token, tls_ca, tls_cert, tls_key, tls: bool, aio: boo
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
         return grpc.aio.secure_channel(address, credentials) if aio else grpc.secure_channel(address, credentials)
     if aio:
-        return grpc.aio.insecure_channel(address, interceptors=[_AsyncTokenInterceptor(token)] if token else None)
+        interceptors = [_AsyncUnaryTokenInterceptor(token), _AsyncStreamTokenInterceptor(token)] if token else None
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
     channel = grpc.insecure_channel(address)
     return grpc.intercept_channel(channel, _TokenInterceptor(token)) if token else channel
 

@@ -3,14 +3,16 @@ real server with --auth-tokens over loopback (no token, RLHFKIT_TOKEN, --token, 
 without the right, the tokens file re-read while the server runs); the trainer's
 --reward-server with a token."""
 
+import asyncio
 import json
 import stat
 import time
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
-from rlhfkit.clients import Client
+from rlhfkit.clients import AsyncClient, Client
 from rlhfkit.clients.cli import main
 from rlhfkit.server.app import ServeConfig, ServerThread
 from rlhfkit.training.rewards import RewardOptions, Rewards, ServerRewards
@@ -140,12 +142,29 @@ def test_the_token_from_the_environment_or_the_option(setup, capsys, monkeypatch
     assert status == 0 and json.loads(out)["completions"][0]["token_ids"]
     status, out, _ = run_cli(capsys, "score", "the cat", " sat", "--address", setup["address"], "--json")
     assert status == 0 and len(json.loads(out)["rewards"]) == 1
+    status, out, _ = run_cli(capsys, "generate", "the cat", "--address", setup["address"], "--max-new-tokens", "2",
+                             "--stream", "--json")
+    assert status == 0 and out.strip()
     # --token wins over the environment
     status, _, message = run_cli(capsys, "models", "--address", setup["address"], "--token", "wrong-token-0123456789")
     assert status != 0 and "UNAUTHENTICATED" in message
     monkeypatch.setenv("RLHFKIT_TOKEN", "wrong-token-0123456789")
     status, _, message = run_cli(capsys, "models", "--address", setup["address"])
     assert status != 0 and "does not accept the token of RLHFKIT_TOKEN" in message
+
+
+def test_async_client_sends_the_token_on_plaintext(setup):
+    async def go(token):
+        async with AsyncClient(setup["address"], timeout=60, token=token) as c:
+            try:
+                chunks = [ch async for ch in c.generate_stream("the cat", max_new_tokens=2, ignore_eos=True)]
+                return len(await c.list_models()), len(chunks), None
+            except grpc.aio.AioRpcError as e:
+                return None, None, e.code()
+
+    models, chunks, refusal = asyncio.run(go(setup["client"]))
+    assert refusal is None and models == 3 and chunks >= 1
+    assert asyncio.run(go(""))[2] == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_the_chat_stops_on_an_access_error(setup, capsys, monkeypatch):

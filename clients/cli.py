@@ -394,18 +394,8 @@ def cmd_feedback(args) -> int:
     return 0
 
 
-def _write_tokens(path: str, raw: dict):
-    """The tokens file rewritten whole (mode 0600, replaced at once: the server never reads
-    half a file)."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2)
-    os.replace(tmp, path)
-
-
 def cmd_tokens(args) -> int:
-    from rlhfkit.server.auth import ROLES, add_token, parse_tokens
+    from rlhfkit.server.auth import ROLES, add_token, read_tokens_file, remove_token
 
     where = f"rlhfkit tokens {args.action}"
     if args.action in ("add", "remove") and not args.name:
@@ -425,23 +415,18 @@ def cmd_tokens(args) -> int:
               file=sys.stderr)
         return 0
     try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-        raw = json.loads(text) if text.strip() else {}
-        parse_tokens(json.dumps(raw), args.file)  # a file the server would refuse is reported, not edited
+        if args.action == "remove":
+            removed = remove_token(args.file, args.name)
+            if not removed:
+                sys.exit(f"{where}: {args.file} has no token named {args.name!r}")
+            print(f"{where}: removed {removed} token(s) of {args.name} from {args.file}; a running server "
+                  "refuses them within a second or two", file=sys.stderr)
+            return 0
+        entries = list(read_tokens_file(args.file).values())
     except OSError as e:
         sys.exit(f"{where}: {args.file}: {e.strerror or e}")
     except ValueError as e:
         sys.exit(f"{where}: {e}")
-    entries = list(raw.values())
-    if args.action == "remove":
-        kept = {t: e for t, e in raw.items() if e["name"] != args.name}
-        if len(kept) == len(raw):
-            sys.exit(f"{where}: {args.file} has no token named {args.name!r}")
-        _write_tokens(args.file, kept)
-        print(f"{where}: removed {len(raw) - len(kept)} token(s) of {args.name} from {args.file}; a running server "
-              "refuses them within a second or two", file=sys.stderr)
-        return 0
     if args.json:  # names and roles only: the tokens themselves are never printed again
         print(json.dumps([{"name": e["name"], "role": e["role"]} for e in entries], indent=2))
     else:

@@ -149,23 +149,46 @@ def authorize(identity: Identity | None, needed: str, what: str):
         raise PermissionDeniedError(f"{what} needs the {needed} role; {identity.name} has {identity.role}")
 
 
+def read_tokens_file(path: str, missing_ok: bool = False) -> dict:
+    """The tokens file's JSON object as written (token -> entry), checked as the server checks
+    it; an empty file (or, with missing_ok, a missing one) is {}."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8") if p.exists() or not missing_ok else ""
+    raw = json.loads(text) if text.strip() else {}
+    parse_tokens(json.dumps(raw), str(p))  # a file the server would refuse is reported, not edited
+    return raw
+
+
+def write_tokens_file(path: str, raw: dict):
+    """The tokens file rewritten whole: mode 0600, replaced at once, so the server never reads
+    half a file."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+    os.replace(tmp, path)
+
+
 def add_token(path: str, name: str, role: str) -> str:
-    """A new random token for (name, role), added to the tokens file (created, mode 0600)."""
+    """A new random token for (name, role), added to the tokens file (created if missing)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name:
         raise ValueError("name is empty: say who the token is for")
-    p = Path(path)
-    raw = json.loads(p.read_text(encoding="utf-8")) if p.exists() and p.stat().st_size else {}
-    parse_tokens(json.dumps(raw), str(p))  # refuse to extend a file the server would refuse
+    raw = read_tokens_file(path, missing_ok=True)
     token = secrets.token_urlsafe(32)
     raw[token] = {"name": name, "role": role}
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2)
-    os.replace(tmp, p)  # the server never reads half a file
+    write_tokens_file(path, raw)
     return token
+
+
+def remove_token(path: str, name: str) -> int:
+    """Revoke every token of `name`; how many there were (0: the file is unchanged)."""
+    raw = read_tokens_file(path)
+    kept = {t: e for t, e in raw.items() if e["name"] != name}
+    if len(kept) < len(raw):
+        write_tokens_file(path, kept)
+    return len(raw) - len(kept)
 
 
 class _Malformed:

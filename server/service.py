@@ -23,8 +23,7 @@ from rlhfkit.kernels import SamplingParams
 from rlhfkit.server import limits as lim
 from rlhfkit.server.auth import caller, is_admin
 from rlhfkit.server.engine import Engine, SequenceOutput
-from rlhfkit.server.errors import (DeadlineExceededError, EngineStoppedError, ModelNotFoundError, ServerLoadingError,
-                                   StoreUnavailableError)
+from rlhfkit.server.errors import EngineStoppedError, ModelNotFoundError, ServerLoadingError, StoreUnavailableError
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.scoring import score_texts, token_scores
 from rlhfkit.server.store import ModelStore

@@ -1,6 +1,7 @@
-"""The labeling page in headless Chromium: draw a prompt, compare, vote (click and key),
-see the reveal, find the votes in the store; the leaderboard page shows the ratings. A
-drawn conversation is shown turn by turn, as text, and compared as messages."""
+"""The labeling page in headless Chromium: sign in with an annotator token, draw a prompt,
+compare, vote (click and key), see the reveal, find the votes in the store under the token's
+name; the leaderboard page shows the ratings. A drawn conversation is shown turn by turn, as
+text, and compared as messages, on a server without tokens (no sign-in asked)."""
 
 import json
 import shutil
@@ -24,14 +25,21 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
 
 
+ANNOTATOR_TOKEN = "annotator-token-for-the-page"
+TOKENS = {ANNOTATOR_TOKEN: {"name": "ann-7", "role": "annotator"}}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_policy_dir, tiny_tokenizer):
+    """A server with tokens: the page asks for one."""
     from rlhfkit.training.tiny import make_tiny_checkpoint
 
     other = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "other", "policy", tiny_tokenizer, seed=5)
     db = tmp_path_factory.mktemp("fb") / "feedback.db"
+    tokens = db.parent / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
     srv = ServerThread(ServeConfig(policy=str(tiny_policy_dir), reference=str(other), port=0, metrics_port=0,
-                                   device="cpu", feedback_db=f"sqlite:///{db}")).wait_loaded()
+                                   device="cpu", feedback_db=f"sqlite:///{db}", auth_tokens=str(tokens))).wait_loaded()
     srv.db = db
     srv.http = f"http://127.0.0.1:{srv.server.metrics_port}"
     yield srv
@@ -53,27 +61,52 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+JSON_WITH_TOKEN = {"Content-Type": "application/json", "Authorization": f"Bearer {ANNOTATOR_TOKEN}"}
+
+
 def post(server, path, body):
-    req = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), method="POST",
+                                 headers=JSON_WITH_TOKEN)
     return json.loads(urllib.request.urlopen(req).read())
 
 
 def test_json_api_errors_name_the_field(server):
     req = urllib.request.Request(server.http + "/api/votes", data=json.dumps(
-        {"comparisonId": "0" * 32, "choice": "CHOICE_LEFT", "annotatorId": "x"}).encode(), method="POST")
+        {"comparisonId": "0" * 32, "choice": "CHOICE_LEFT"}).encode(), method="POST", headers=JSON_WITH_TOKEN)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 404 and json.loads(e.value.read())["code"] == "NOT_FOUND"
-    req = urllib.request.Request(server.http + "/api/comparisons", data=b'{"prompt": 3}', method="POST")
+    req = urllib.request.Request(server.http + "/api/comparisons", data=b'{"prompt": 3}', method="POST",
+                                 headers=JSON_WITH_TOKEN)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "prompt" in json.loads(e.value.read())["error"]
     assert b"rlhfkit:feedback_votes" in urllib.request.urlopen(server.http + "/metrics").read()
 
 
+def script_errors(browser) -> list[str]:
+    """What the page's scripts logged (content security policy violations, exceptions);
+    the refused requests (401s) are the network's entries, not these."""
+    return [e["message"] for e in browser.get_log("browser") if e["source"] != "network"]
+
+
+def sign_in(browser, wait, token):
+    wait.until(lambda b: b.find_elements(By.ID, "token") and b.find_element(By.ID, "token").is_displayed())
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "sign-in").click()
+
+
 def test_label_vote_reveal_and_leaderboard(server, browser):
     wait = WebDriverWait(browser, 60)
     browser.get(server.http + "/")
+    # The server answers 401: the page asks for a token. A wrong one is refused and asked again.
+    sign_in(browser, wait, "not-a-token-of-this-server")
+    wait.until(lambda b: "does not accept" in b.find_element(By.ID, "login").text)
+    sign_in(browser, wait, ANNOTATOR_TOKEN)
+    wait.until(lambda b: not b.find_elements(By.ID, "login")
+               and b.find_element(By.ID, "annotator").get_attribute("value") == "ann-7")
+    assert browser.find_element(By.ID, "annotator").get_attribute("readOnly") == "true"
+    assert browser.execute_script("return sessionStorage.getItem('rlhfkit-token')") == ANNOTATOR_TOKEN
     browser.find_element(By.ID, "draw").click()
     wait.until(lambda b: b.find_element(By.ID, "prompt").get_attribute("value"))
     prompt = browser.find_element(By.ID, "prompt")
@@ -89,7 +122,6 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     reveal = browser.find_element(By.ID, "reveal").text
     assert "Left was policy, right was policy" in reveal
     assert browser.find_element(By.ID, "left-model").text.startswith("policy@")
-    annotator = browser.find_element(By.ID, "annotator").get_attribute("value")
 
     # A second comparison, voted with the keyboard: 2 = right.
     browser.find_element(By.ID, "compare").click()
@@ -101,8 +133,8 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     store = FeedbackStore(f"sqlite:///{server.db}")
     rows = store.voted_comparisons()
     store.close()
-    assert [(r["choice"], r["annotator_id"], r["prompt"]) for r in rows] == [("left", annotator, "the cat"),
-                                                                              ("right", annotator, "the cat")]
+    assert [(r["choice"], r["annotator_id"], r["prompt"]) for r in rows] == [("left", "ann-7", "the cat"),
+                                                                              ("right", "ann-7", "the cat")]
     assert (rows[0]["left_response"], rows[0]["right_response"]) == (left, right)
     assert rows[0]["vote_id"] in reveal
 
@@ -110,15 +142,16 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     # JSON API: the left model wins and tops the leaderboard page.
     comp = post(server, "/api/comparisons", {"prompt": "the dog", "models": {"modelA": "policy", "modelB": "reference"},
                                              "sampling": {"maxNewTokens": 3}})
-    winner = post(server, "/api/votes", {"comparisonId": comp["comparison_id"], "choice": "CHOICE_LEFT",
-                                         "annotatorId": "api"})["left_model"]
-    browser.get(server.http + "/leaderboard")
+    winner = post(server, "/api/votes", {"comparisonId": comp["comparison_id"], "choice": "CHOICE_LEFT"})["left_model"]
+    browser.get(server.http + "/leaderboard")  # the token is kept for the tab: no second sign-in
     wait.until(lambda b: "votes" in b.find_element(By.ID, "summary").text)
     assert browser.find_element(By.ID, "summary").text == "1 battle from 3 votes."
     rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
             for tr in browser.find_elements(By.CSS_SELECTOR, "#ratings tbody tr")]
     assert [r[:2] for r in rows] == [["1", winner], ["2", ({"policy", "reference"} - {winner}).pop()]]
     assert [r[5:] for r in rows] == [["1", "1", "0", "0", "0"], ["1", "0", "1", "0", "0"]]
+    assert browser.find_elements(By.ID, "login") == []
+    assert script_errors(browser) == []
 
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -177,7 +210,7 @@ def test_drawn_conversation_is_shown_as_text_and_compared_as_messages(chat_serve
     # The markup in the messages is text on the page: no element was made from it, nothing ran.
     assert browser.find_elements(By.TAG_NAME, "img") == [] and browser.find_elements(By.CSS_SELECTOR, "main b") == []
     assert {e.tag_name for e in browser.find_elements(By.CSS_SELECTOR, ".conversation *")} == {"div", "span", "pre"}
-    assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # label.js
+    assert len(browser.find_elements(By.TAG_NAME, "script")) == 2  # api.js, label.js
     browser.find_element(By.TAG_NAME, "body").click()
     browser.find_element(By.TAG_NAME, "body").send_keys("1")
     wait.until(lambda b: b.find_element(By.ID, "reveal").is_displayed())
@@ -195,9 +228,12 @@ def test_drawn_conversation_is_shown_as_text_and_compared_as_messages(chat_serve
     browser.find_element(By.TAG_NAME, "body").send_keys("2")
     wait.until(lambda b: b.find_element(By.ID, "reveal").is_displayed())
 
+    assert browser.find_elements(By.ID, "login") == []  # a server without tokens asks for none
+    assert script_errors(browser) == []
     store = FeedbackStore(f"sqlite:///{chat_server.db}")
     rows = store.voted_comparisons()
     store.close()
+    assert all(r["annotator_id"].startswith("anon-") for r in rows)
     assert [(r["choice"], r["prompt"], r["messages"]) for r in rows] == [("left", "", CONVERSATION),
                                                                           ("right", "the cat", None)]
     assert (rows[0]["left_response"], rows[0]["right_response"]) == (left, right)

@@ -2,19 +2,13 @@
 // send the vote (buttons or keys 1-4), then show which models answered. A prompt is text or
 // a conversation (drawn from the server's --feedback-prompts file); a conversation is shown
 // turn by turn above the responses. Data is only ever put in the page as text (textContent):
-// prompts, messages and responses are whatever people and models wrote.
+// prompts, messages and responses are whatever people and models wrote. api() (api.js) asks
+// for a token when the server wants one; votes are then recorded under the token's name.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;  // the comparison on screen, until voted
 let drawnMessages = null;  // the conversation drawn as the prompt, or null for the text box
-
-async function api(path, body) {
-  const resp = await fetch(path, body === undefined ? {} :
-    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-  const data = await resp.json();
-  if (!resp.ok) throw new Error(`${data.code}: ${data.error}`);
-  return data;
-}
+let caller = null;  // the token's name, when the server has tokens and one is given
 
 function status(text, isError) {
   $("status").textContent = text;
@@ -85,7 +79,8 @@ async function compare() {
 
 async function vote(button) {
   if (!current || button.disabled) return;
-  const body = {comparisonId: current.comparison_id, choice: button.dataset.choice, annotatorId: annotator()};
+  const body = {comparisonId: current.comparison_id, choice: button.dataset.choice};
+  if (caller === null) body.annotatorId = annotator();  // with a token the server knows who votes
   if ($("rationale").value.trim()) body.rationale = $("rationale").value.trim();
   document.querySelectorAll(".votes button").forEach((b) => { b.disabled = true; });
   try {
@@ -135,6 +130,18 @@ document.addEventListener("keydown", (e) => {
   const button = {"1": "vote-left", "2": "vote-right", "3": "vote-tie", "4": "vote-both-bad"}[e.key];
   if (button) vote($(button));
 });
+// Who votes: the token's name on a server with tokens (not editable), else the annotator box.
+async function showCaller() {
+  try {
+    const who = await api("/api/whoami");
+    caller = who.open ? null : who.name;
+  } catch (e) { status(e.message, true); return; }
+  $("annotator").readOnly = caller !== null;
+  if (caller !== null) $("annotator").value = caller;
+}
+
 $("annotator").value = localStorage.getItem("rlhfkit-annotator") || "";
-annotator();
+if (!hasToken()) annotator();
+document.addEventListener("rlhfkit-token", showCaller);
+showCaller();
 listModels();

@@ -1,3 +1,4 @@
+// The leaderboard page: ratings and win rates of /api/leaderboard as tables (text only).
 "use strict";
 const fmt = (x) => (typeof x === "number" ? x.toFixed(1) : "–");
 
@@ -6,10 +7,11 @@ function cells(row, values, tag = "td") {
 }
 
 async function load() {
-  const resp = await fetch("/api/leaderboard");
-  const board = await resp.json();
-  if (!resp.ok) {
-    document.getElementById("summary").textContent = `${board.code}: ${board.error}`;
+  let board;
+  try {
+    board = await api("/api/leaderboard");  // api.js: asks for a token if the server wants one
+  } catch (e) {
+    document.getElementById("summary").textContent = e.message;
     return;
   }
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;

@@ -548,4 +548,5 @@ class HttpSide:
             h.send_header(name, value)
         h.send_header("Connection", "close")
         h.end_headers()
-        h.wfile.write(body)
+        if h.command != "HEAD":  # a reply to HEAD has no body, even a refusal's
+            h.wfile.write(body)

@@ -71,7 +71,7 @@ def call(srv, method, path, body=None, token=None, headers=None, raw=None, conne
         resp = conn.getresponse()
         content = resp.read()
         kind = resp.getheader("Content-Type", "")
-        return resp.status, resp, json.loads(content) if kind == "application/json" else content
+        return resp.status, resp, json.loads(content) if kind == "application/json" and content else content
     finally:
         conn.close()
 
@@ -309,6 +309,10 @@ def test_methods_and_oversized_request_lines_get_json(server):
                                  ("BREW", "/nothing", 404), ("OPTIONS", "/api/votes", 405), ("POST", "/metrics", 405)):
         status, resp, reply = call(server, method, path, token=TOKEN["admin"])
         assert status == wanted and reply["code"] in ("UNIMPLEMENTED", "NOT_FOUND"), (method, path, reply)
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:  # no body, even a refusal's
+        sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 405 ") and b"Content-Type: application/json" in head and body == b""
     status, reply, _ = raw_request(server.http_port, b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n")
     assert (status, reply["code"]) == (414, "RESOURCE_EXHAUSTED")
     status, reply, _ = raw_request(server.http_port, b"GET / HTTP/1.0\r\nX: " + b"a" * 70_000 + b"\r\n\r\n")

@@ -654,7 +654,8 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu_model": cpu_model(), "cores": os.cpu_count(),
         "commit": git("rev-parse", "--short", "HEAD").stdout.strip() or None,
         # Others commit to this checkout: did the server code that ran differ from that commit?
-        "server_code_differs_from_commit": git("diff", "--quiet", "HEAD", "--", "server", "clients", "protos").returncode == 1,
+        "server_code_differs_from_commit": git("diff", "--quiet", "HEAD", "--", "server", "clients",
+                                               "protos").returncode == 1,
         "config": {k: v for k, v in vars(args).items() if k not in ("token", "metrics_headers")} | {
             "hostile_cases": cases, "server_command": server_cmd and " ".join(server_cmd[1:]), "model": model},
         "contention": {"note": args.note, "loadavg_1m_start": load_start[0], "loadavg_1m_end": load_end[0],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
-from rlhfkit.server.auth import AccessInterceptor, Tokens
+from rlhfkit.server.auth import AccessInterceptor, Tokens, is_loopback
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.feedback_service import FeedbackService
@@ -49,15 +48,6 @@ SERVICE_NAMES = [
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
     feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
 ]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def read_file(path: str, option: str) -> bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -65,6 +66,16 @@ class Identity:
 def is_admin(identity: Identity | None) -> bool:
     """Admin rights: an admin token, or any caller of a server without tokens."""
     return identity is None or identity.role == "admin"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address is reachable only from this machine (binding it needs no tokens)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _digest(token: str) -> bytes:

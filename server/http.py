@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-import ipaddress
 import json
 import logging
 import random
@@ -45,7 +44,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rlhfkit.errors import shortened
-from rlhfkit.server.auth import authorize
+from rlhfkit.server.auth import authorize, is_loopback
 from rlhfkit.server.errors import (REQUEST_ERRORS, PermissionDeniedError, UnauthenticatedError,
                                    http_status_for)
 from rlhfkit.v1 import feedback_pb2 as fb_pb
@@ -165,15 +164,6 @@ def _serves(origin: tuple[str, str, int], host: str, port: int | None) -> bool:
     """Whether a Host header's (host, port) names `origin` (no port: its scheme's default)."""
     scheme, origin_host, origin_port = origin
     return host == origin_host and origin_port == (port if port is not None else DEFAULT_PORTS[scheme])
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _UntilDeadline(io.RawIOBase):
@@ -366,7 +356,7 @@ class HttpSide:
         host = host.strip("[]").lower()
         if host in ("", "0.0.0.0", "::"):
             return LOOPBACK_NAMES | {socket.gethostname().lower(), socket.getfqdn().lower()}
-        return {host} | (LOOPBACK_NAMES if _is_loopback(host) else set())
+        return {host} | (LOOPBACK_NAMES if is_loopback(host) else set())
 
     @staticmethod
     def drawable(prompt) -> dict:

@@ -124,7 +124,8 @@ def test_export_after_votes(server, client, tmp_path, capsys):
 
 
 def post(server, path, body):
-    req = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(req).read())
 
 
@@ -139,7 +140,8 @@ def test_json_api_draws_and_compares_conversations(server, client):
     assert {comp["left"], comp["right"]} == set(text.values())
     assert stored(server, comp["comparison_id"])["messages"] == CONVERSATION
     req = urllib.request.Request(server.http + "/api/comparisons", method="POST", data=json.dumps(
-        {"prompt": "x", "messages": CONVERSATION, "samplesOf": "policy", "sampling": {"temperature": 1}}).encode())
+        {"prompt": "x", "messages": CONVERSATION, "samplesOf": "policy", "sampling": {"temperature": 1}}).encode(),
+        headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     body = json.loads(e.value.read())

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from rlhfkit.chat import ChatFormatError, as_messages
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
-from rlhfkit.server.auth import AccessInterceptor, Tokens, is_loopback
+from rlhfkit.server.auth import MIN_TOKEN_CHARS, AccessInterceptor, Tokens, is_loopback
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.feedback_service import FeedbackService
@@ -125,6 +125,9 @@ class ServeConfig(RequestLimits):
             raise ValueError(f"feedback_db must be a URL (sqlite:///PATH or postgresql://...), got {self.feedback_db!r}")
         if self.metrics_token is None:
             self.metrics_token = os.environ.get("RLHFKIT_METRICS_TOKEN") or None
+        if self.metrics_token is not None and len(self.metrics_token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"metrics_token must be at least {MIN_TOKEN_CHARS} characters (a guessable token "
+                             "protects nothing); python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give --tls-cert and --tls-key together")
         if self.tls_client_ca and not self.tls_cert:
@@ -292,6 +295,7 @@ class RlhfkitServer:
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         self.state.registry.shutdown()
         self.state.shutdown()
+        self.feedback.ratings_pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http:
             self._metrics_http.shutdown()
         self.feedback_store.close()

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -53,8 +54,6 @@ GRPC_ROLES = {
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MIN_TOKEN_CHARS = 16
 
-# The caller of the RPC being served (None on a server without tokens), set by the interceptor.
-caller: contextvars.ContextVar["Identity | None"] = contextvars.ContextVar("rlhfkit_caller", default=None)
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,27 @@ class Identity:
     role: str
 
 
+# Code that runs outside a checked request sees this caller, which has no rights.
+NO_CALLER = Identity("", "")
+# The caller of the request being served: its Identity, or None on a server without tokens.
+# Set by the gRPC interceptor and by the HTTP side before they run a servicer method.
+caller: contextvars.ContextVar["Identity | None"] = contextvars.ContextVar("rlhfkit_caller", default=NO_CALLER)
+
+
 def is_admin(identity: Identity | None) -> bool:
     """Admin rights: an admin token, or any caller of a server without tokens."""
     return identity is None or identity.role == "admin"
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The TOKEN of an `authorization: Bearer TOKEN` value; UnauthenticatedError otherwise."""
+    if not authorization:
+        raise UnauthenticatedError("no token: send the header 'authorization: Bearer TOKEN' "
+                                   "(rlhfkit CLI: --token or RLHFKIT_TOKEN)")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthenticatedError("the authorization header must be 'Bearer TOKEN'")
+    return token.strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -122,29 +139,36 @@ class Tokens:
         return tokens
 
     def _maybe_reload(self):
-        now = time.monotonic()
-        if now - self._checked < 1.0:
+        """Re-read a changed file (at most once a second, by one thread; the others go on with
+        the tokens they have). A file that no longer parses keeps the last good tokens (and is
+        reported once); a deleted or unreadable one revokes every token: failing closed."""
+        if time.monotonic() - self._checked < 1.0 or not self._lock.acquire(blocking=False):
             return
-        with self._lock:
-            self._checked = now
+        try:
+            self._checked = time.monotonic()
             try:
                 stat = self.path.stat()
-                if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
+            except OSError as e:
+                if self._tokens:
+                    log.warning("%s is gone (%s): every token is refused until it is back", self.path, e)
+                self._tokens, self._stamp = {}, None
+                return
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if stamp != self._stamp:
+                try:
                     self._tokens = self._read()
                     log.info("re-read %s: %d tokens", self.path, len(self._tokens))
-            except (OSError, ValueError) as e:
-                log.warning("kept the previous tokens: %s", e)
+                except (OSError, ValueError) as e:
+                    self._stamp = stamp  # reported once, not every second
+                    log.warning("kept the previous tokens: %s", e)
+        finally:
+            self._lock.release()
 
     def identify(self, authorization: str | None) -> Identity:
         """The caller of an `authorization: Bearer TOKEN` value; UnauthenticatedError otherwise."""
-        if not authorization:
-            raise UnauthenticatedError("no token: send the header 'authorization: Bearer TOKEN' "
-                                       "(rlhfkit CLI: --token or RLHFKIT_TOKEN)")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError("the authorization header must be 'Bearer TOKEN'")
+        token = bearer_token(authorization)
         self._maybe_reload()
-        digest = _digest(token.strip())
+        digest = _digest(token)
         found = None
         for known, identity in self._tokens.items():  # every entry compared: the time says nothing
             if hmac.compare_digest(known, digest):
@@ -173,11 +197,17 @@ def read_tokens_file(path: str, missing_ok: bool = False) -> dict:
 def write_tokens_file(path: str, raw: dict):
     """The tokens file rewritten whole: mode 0600, replaced at once, so the server never reads
     half a file."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2)
-    os.replace(tmp, path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokens-")  # a new file, mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def add_token(path: str, name: str, role: str) -> str:

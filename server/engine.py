@@ -87,21 +87,27 @@ class PartialPrefill:
     decode_turn: bool = False  # the running batch decodes before the next chunk
 
 
+def check_prompt_length(lm: LoadedModel, n_tokens: int):
+    """A prompt must leave room for one new token. Checked on token ids as they arrive, before
+    anything copies or scans them."""
+    if n_tokens >= lm.context_length:
+        raise InvalidArgumentError(
+            "prompt", f"is {n_tokens} tokens, and the model's whole context is {lm.context_length} tokens "
+            f"(at least one must be left to generate); shorten the prompt")
+
+
 def check_prompt(lm: LoadedModel, vocab_size: int, prompt_ids: list[int], params: SamplingParams):
     """Request checks that need the model (every engine runs them); raise InvalidArgumentError
     naming the field."""
     if not prompt_ids:
         raise InvalidArgumentError("prompt", "is empty: give prompt text or prompt_token_ids")
+    check_prompt_length(lm, len(prompt_ids))
     bad = [t for t in prompt_ids if t >= vocab_size]
     if bad:
         raise InvalidArgumentError("prompt_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise InvalidArgumentError("stop_token_ids", f"token id {bad[0]} is out of range [0, {vocab_size})")
-    if len(prompt_ids) >= lm.context_length:
-        raise InvalidArgumentError(
-            "prompt", f"is {len(prompt_ids)} tokens, and the model's whole context is {lm.context_length} tokens "
-            f"(at least one must be left to generate); shorten the prompt")
     if len(prompt_ids) + params.max_new_tokens > lm.context_length:
         raise InvalidArgumentError(
             "max_new_tokens",

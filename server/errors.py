@@ -55,11 +55,11 @@ class LimitExceededError(InvalidArgumentError):
     field and the option. INVALID_ARGUMENT like any bad field: retrying it cannot succeed."""
 
 
-class UnauthenticatedError(PermissionError):
+class UnauthenticatedError(RuntimeError):
     """No token, or one the server does not know."""
 
 
-class PermissionDeniedError(PermissionError):
+class PermissionDeniedError(RuntimeError):
     """A known token whose role lacks the right."""
 
 

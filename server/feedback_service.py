@@ -3,13 +3,15 @@
 Responses come from the served engines through GenerationService's own submit/collect
 path, so a comparison is decoded (and validated, queued, cancelled) exactly like a
 Generate call. The methods raise the request errors of server/errors.py: the interceptor
-(server/auth.py) turns them into gRPC statuses, the HTTP side (server/http.py) into HTTP
-errors. Votes are recorded under the caller's token name when the server has tokens.
+(server/auth.py) turns them into gRPC statuses; the HTTP side (server/http.py) calls the same
+methods (context None) and turns them into HTTP errors. Both set auth.caller first: votes are
+recorded under the caller's token name when the server has tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import secrets
 
 from google.protobuf.json_format import MessageToJson
@@ -17,8 +19,8 @@ from google.protobuf.json_format import MessageToJson
 from rlhfkit.chat import as_messages
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
-from rlhfkit.server.auth import Identity, caller
-from rlhfkit.server.errors import REQUEST_ERRORS, PermissionDeniedError
+from rlhfkit.server.auth import NO_CALLER, caller
+from rlhfkit.server.errors import PermissionDeniedError
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.ratings import rate
 from rlhfkit.server.service import GenerationService, ServerState
@@ -36,6 +38,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         self.state = state
         self.store = store
         self.generation = GenerationService(state)
+        # Bootstrapped ratings take seconds of CPU: one at a time, and never in the pool the
+        # store's writes (votes) go through.
+        self.ratings_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-ratings")
 
     async def _db(self, fn, *args):
         """Store calls block (disk, network): off the event loop, in the default pool."""
@@ -59,7 +64,7 @@ class FeedbackService(fb_grpc.FeedbackServicer):
                 texts[o.index] += o.text
         return [(engine.lm.name, engine.lm.model_version, t) for t in texts]
 
-    async def create_comparison_core(self, request: fb_pb.CreateComparisonRequest) -> fb_pb.Comparison:
+    async def CreateComparison(self, request: fb_pb.CreateComparisonRequest, context=None) -> fb_pb.Comparison:
         if request.prompt and request.messages:
             raise InvalidArgumentError("messages", "set exactly one of prompt (text) and messages (a conversation)")
         if not request.prompt and not request.messages:
@@ -85,7 +90,7 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             first = await self._submit(request.models.model_a, request, 1)
             try:
                 second = await self._submit(request.models.model_b, request, 1)
-            except REQUEST_ERRORS:
+            except BaseException:  # a refusal, or the call cancelled while the second was tokenized
                 first[0].abort(first[1])
                 raise
             pair = await asyncio.gather(self._collect(first, 1), self._collect(second, 1))
@@ -104,10 +109,12 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
                                 messages=request.messages)
 
-    async def submit_vote_core(self, request: fb_pb.SubmitVoteRequest,
-                               identity: Identity | None = None) -> fb_pb.SubmitVoteResponse:
-        """identity: the caller's token (None on a server without tokens), whose name the vote
-        is recorded under; naming anyone else in annotator_id is refused."""
+    async def SubmitVote(self, request: fb_pb.SubmitVoteRequest, context=None) -> fb_pb.SubmitVoteResponse:
+        """The vote is recorded under the caller's token name (auth.caller; any annotator_id on
+        a server without tokens); naming anyone else in annotator_id is refused."""
+        identity = caller.get()
+        if identity is NO_CALLER:
+            raise PermissionDeniedError("votes need an identified caller")
         limits = self.state.limits
         lim.check_id("comparison_id", request.comparison_id, limits)
         lim.check_id("annotator_id", request.annotator_id, limits)
@@ -132,12 +139,13 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             left_model=c["left_model"], right_model=c["right_model"], left_model_version=c["left_model_version"],
             right_model_version=c["right_model_version"], already_recorded=vote.already_recorded)
 
-    async def leaderboard_core(self, request: fb_pb.GetLeaderboardRequest) -> fb_pb.Leaderboard:
+    async def GetLeaderboard(self, request: fb_pb.GetLeaderboardRequest, context=None) -> fb_pb.Leaderboard:
         rounds = request.bootstrap_rounds or 100
         if rounds > 10000:
             raise InvalidArgumentError("bootstrap_rounds", f"must be at most 10000, got {rounds}")
         battles = await self._db(self.store.battles)
-        r = await self._db(rate, battles, rounds, request.seed if request.HasField("seed") else 0)
+        r = await asyncio.get_running_loop().run_in_executor(
+            self.ratings_pool, rate, battles, rounds, request.seed if request.HasField("seed") else 0)
         return fb_pb.Leaderboard(
             ratings=[fb_pb.ModelRating(model=x.model, elo=x.elo, bradley_terry=x.bradley_terry,
                                        bradley_terry_lower=x.lower, bradley_terry_upper=x.upper, battles=x.battles,
@@ -146,12 +154,3 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             models=r.models, num_votes=len(battles), num_battles=r.num_battles,
             win_rates=[fb_pb.WinRateRow(model=m, win_rates=r.win_rates[i].tolist(), battles=r.battles[i].tolist())
                        for i, m in enumerate(r.models)])
-
-    async def CreateComparison(self, request, context):
-        return await self.create_comparison_core(request)
-
-    async def SubmitVote(self, request, context):
-        return await self.submit_vote_core(request, caller.get())
-
-    async def GetLeaderboard(self, request, context):
-        return await self.leaderboard_core(request)

@@ -24,6 +24,7 @@ is a JSON {"code": GRPC_CODE_NAME, "error": message}.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import io
 import json
@@ -32,6 +33,7 @@ import random
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rlhfkit.errors import shortened
-from rlhfkit.server.auth import authorize, is_loopback
+from rlhfkit.server.auth import authorize, bearer_token, caller, is_loopback
 from rlhfkit.server.errors import (REQUEST_ERRORS, PermissionDeniedError, UnauthenticatedError,
                                    http_status_for)
 from rlhfkit.v1 import feedback_pb2 as fb_pb
@@ -68,7 +70,6 @@ class Route:
     answer: str  # the HttpSide method that answers it: answer(handler, route, caller identity)
     message: type | None = None  # the request proto of a route that calls the Feedback servicer
     servicer_method: str = ""
-    passes_caller: bool = False  # the servicer gets the caller's Identity (votes are recorded under it)
 
 
 ROUTES = {
@@ -76,11 +77,10 @@ ROUTES = {
     "/api/models": Route("models", ("GET",), "client", "list_models"),
     "/api/whoami": Route("whoami", ("GET",), "client", "whoami"),
     "/api/comparisons": Route("create_comparison", ("POST",), "client", "call", fb_pb.CreateComparisonRequest,
-                              "create_comparison_core"),
-    "/api/votes": Route("submit_vote", ("POST",), "annotator", "call", fb_pb.SubmitVoteRequest, "submit_vote_core",
-                        passes_caller=True),
+                              "CreateComparison"),
+    "/api/votes": Route("submit_vote", ("POST",), "annotator", "call", fb_pb.SubmitVoteRequest, "SubmitVote"),
     "/api/leaderboard": Route("leaderboard", ("GET", "POST"), "client", "call", fb_pb.GetLeaderboardRequest,
-                              "leaderboard_core"),
+                              "GetLeaderboard"),
 }
 
 # The pages load only their own files: no inline script, no framing (clickjacking a vote).
@@ -102,6 +102,8 @@ JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a numb
 # dropped (at most this long) before closing: closing with unread input sends a reset, and
 # the client would lose the reply.
 DRAIN_SECONDS = 1.0
+# A client that closed its connection (or stopped reading) while we replied: not our error.
+GONE = (ConnectionError, TimeoutError, ssl.SSLError)
 
 
 class HttpError(Exception):
@@ -328,7 +330,10 @@ class _Server(ThreadingHTTPServer):
             self.slots.release()
 
     def handle_error(self, request, client_address):
-        log.exception("HTTP connection from %s failed", client_address)
+        if isinstance(sys.exc_info()[1], GONE):
+            log.debug("HTTP client %s went away", client_address)
+        else:
+            log.exception("HTTP connection from %s failed", client_address)
 
 
 class HttpSide:
@@ -338,6 +343,7 @@ class HttpSide:
         self.tokens = tokens
         self.metrics_token = config.metrics_token
         self.max_request_bytes = config.max_request_bytes
+        self.limits = config
         self.read_timeout = config.http_read_timeout
         self.prompts = [self.drawable(p) for p in prompts or DEFAULT_PROMPTS]
         tls = tls_context(config)
@@ -378,6 +384,7 @@ class HttpSide:
         try:
             if path == "/metrics":
                 self.allow_methods(h, ("GET",))
+                self.check_host_and_origin(h)  # an open /metrics must not be readable by DNS rebinding
                 self.check_metrics_token(h)
                 return self.reply(h, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
             if path in PAGES or path.startswith("/static/"):
@@ -391,6 +398,8 @@ class HttpSide:
             return getattr(self, route.answer)(h, route, identity)
         except HttpError as e:
             self.refuse(h, name, e)
+        except GONE:  # the client closed the connection (or stalled) while we replied
+            log.debug("HTTP %s %s: the client went away", h.command, shortened(path))
         except Exception:
             log.exception("HTTP %s %s failed", h.command, shortened(path))
             if not h.replied:
@@ -423,9 +432,11 @@ class HttpSide:
     def check_metrics_token(self, h):
         if self.metrics_token is None:
             return
-        scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
-        given = token.strip().encode()
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(given, self.metrics_token.encode())):
+        try:
+            given = bearer_token(h.headers.get("Authorization")).encode()
+        except UnauthenticatedError:
+            given = b""
+        if not hmac.compare_digest(given, self.metrics_token.encode()):
             raise HttpError(401, "/metrics needs 'Authorization: Bearer METRICS_TOKEN' (--metrics-token)",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -461,14 +472,18 @@ class HttpSide:
     def call(self, h, route: Route, identity):
         request = self.read_request(h, route.message)
         method = getattr(self.feedback, route.servicer_method)
-        coroutine = method(request, identity) if route.passes_caller else method(request)
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+        async def as_caller():  # the servicer reads who calls from auth.caller, as under gRPC
+            caller.set(identity)
+            return await method(request)
+
+        future = asyncio.run_coroutine_threadsafe(as_caller(), self.loop)
         try:
             response = future.result(timeout=600)
         except REQUEST_ERRORS as e:
             status, code = http_status_for(e)
             raise HttpError(status, str(e), code) from None
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             future.cancel()
             raise HttpError(504, "the request took over 600 s", "DEADLINE_EXCEEDED") from None
         except Exception:
@@ -510,10 +525,27 @@ class HttpSide:
             raise HttpError(400, f"request body: not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise HttpError(400, f"request body: expected a JSON object, got {JSON_KINDS[type(body)]}")
+        self.check_list_lengths(body)
         try:
             return ParseDict(body, message_type())
         except (ParseError, ValueError, TypeError, RecursionError) as e:
             raise HttpError(400, f"request body: {shortened(e, 300)}") from None
+
+    def check_list_lengths(self, body: dict):
+        """Refuse long arrays before ParseDict, which is pure Python: a few MB of [1, 1, ...]
+        would hold this thread for seconds (and the GIL from the event loop). No field of the
+        API's messages needs more entries than the longest limit allows."""
+        longest = max(self.limits.max_stop, self.limits.max_items, self.limits.max_messages)
+        todo = [("", body)]
+        while todo:
+            where, value = todo.pop()
+            if isinstance(value, list):
+                if len(value) > longest:
+                    raise HttpError(400, f"{where or 'body'}: {len(value)} entries, more than any field takes "
+                                         f"({longest}, the largest of --max-stop, --max-items, --max-messages)")
+                todo += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                todo += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
 
     def refuse(self, h, route_name: str, e: HttpError):
         self.metrics.rpc_errors.labels(f"http:{route_name}", e.code).inc()

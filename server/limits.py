@@ -1,5 +1,6 @@
-"""Bounded work per request: the limits `rlhfkit serve` enforces, as options, checked in one
-place before any work starts. Each refusal is INVALID_ARGUMENT naming the field and the
+"""Bounded work per request: the limits `rlhfkit serve` enforces, as options, checked here
+before the work they bound starts (token counts, which need the model, where the model is
+known). Each refusal is INVALID_ARGUMENT naming the field and the
 option to raise (LimitExceededError). A request inside the limits can still be refused by
 the model (its context length), by the engine (its queue) or by the kernels' SamplingParams.
 """
@@ -18,6 +19,7 @@ class RequestLimits:
     max_prompt_chars: int = field(default=400_000, metadata={"help": "longest prompt, in characters (a conversation: all its contents together)"})
     max_prompt_tokens: int = field(default=0, metadata={"help": "longest prompt in tokens (0: the model's context length)"})
     max_items: int = field(default=256, metadata={"help": "most items in one Score or LogProbs call"})
+    max_messages: int = field(default=1024, metadata={"help": "most turns in one conversation"})
     max_stop: int = field(default=16, metadata={"help": "most stop strings, and most stop token ids, in one request"})
     max_stop_chars: int = field(default=256, metadata={"help": "longest stop string, in characters"})
     max_id_chars: int = field(default=256, metadata={"help": "longest request_id, model, comparison or annotator name, in characters"})
@@ -51,6 +53,9 @@ def check_id(field_name: str, value: str, limits: RequestLimits):
 def check_prompt(prefix: str, text: str, messages, limits: RequestLimits):
     """A prompt's text or conversation within --max-prompt-chars, before it is tokenized."""
     if messages:
+        if len(messages) > limits.max_messages:
+            raise LimitExceededError(prefix + "messages", f"has {len(messages)} turns, over --max-messages "
+                                     f"{limits.max_messages}")
         total = sum(len(m.content) + len(m.role) for m in messages)
         if total > limits.max_prompt_chars:
             raise LimitExceededError(prefix + "messages", f"are {total} characters together, over "

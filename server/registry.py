@@ -131,7 +131,9 @@ class ModelRegistry:
 
     def _record_failure(self, ref: CheckpointRef, e: Exception):
         log.error("could not load %s from %s: %s; the previous model keeps serving", ref.name, ref.path, e)
-        self.failures[ref.name] = LoadFailure(ref.name, str(ref.path), ref.stamp, f"{type(e).__name__}: {e}",
+        # The message names the checkpoint, not its directory: ListModels shows it to every client.
+        error = f"{type(e).__name__}: {e}".replace(str(ref.path), ref.name)
+        self.failures[ref.name] = LoadFailure(ref.name, str(ref.path), ref.stamp, error,
                                               datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if self.metrics:
             self.metrics.model_loads.labels("failed").inc()

@@ -39,7 +39,10 @@ def score_texts(rm: LoadedModel, items: list[tuple[Prompt, str]], batch_size: in
     rule), so padding does not change a score; plus the checkpoint's reward_bias, if any.
     `should_stop` is asked between micro-batches (the call was cancelled or ran past its
     deadline)."""
-    encoded = [reward_ids(rm.tokenizer, p, r) for p, r in items]
+    encoded = []
+    for p, r in items:  # tokenizing 256 long texts takes seconds: stop between them too
+        stop_if_abandoned(should_stop)
+        encoded.append(reward_ids(rm.tokenizer, p, r))
     for i, ids in enumerate(encoded):
         if not ids:
             raise InvalidArgumentError(f"items[{i}]", "prompt and response are both empty")

@@ -22,7 +22,7 @@ from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.kernels import SamplingParams
 from rlhfkit.server import limits as lim
 from rlhfkit.server.auth import caller, is_admin
-from rlhfkit.server.engine import Engine, SequenceOutput
+from rlhfkit.server.engine import Engine, SequenceOutput, check_prompt_length
 from rlhfkit.server.errors import EngineStoppedError, ModelNotFoundError, ServerLoadingError, StoreUnavailableError
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.scoring import score_texts, token_scores
@@ -153,6 +153,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         queue: asyncio.Queue[list[SequenceOutput]] = asyncio.Queue()
         for attempt in (1, 2):
             lm = self.state.registry.get(request.model, "policy")
+            check_prompt_length(lm, len(request.prompt_token_ids))
             _, ids = await self.state.tokenize(request_prompt_ids, lm, request.prompt, request.prompt_token_ids,
                                                request.messages, "", self.state.limits)
             try:
@@ -228,7 +229,6 @@ class RewardService(reward_grpc.RewardServicer):
         self.state.check_ready()
         limits = self.state.limits
         lim.check_id("model", model, limits)
-        lim.check_items(items, limits)
         for field, text, messages, response in items:
             lim.check_prompt(field, text, messages, limits)
             lim.check_chars(field + "response", response, limits.max_prompt_chars, "max_prompt_chars")
@@ -246,6 +246,7 @@ class RewardService(reward_grpc.RewardServicer):
     async def Score(self, request, context):
         if not request.items:
             raise InvalidArgumentError("items", "is empty: give at least one {prompt, response} item")
+        lim.check_items(request.items, self.state.limits)
         rm, rewards = await self._score(request.model, [(f"items[{n}].", i.prompt, i.messages, i.response)
                                                         for n, i in enumerate(request.items)], context)
         return reward_pb.ScoreResponse(rewards=rewards, model_version=rm.model_version)
@@ -301,6 +302,10 @@ class RewardService(reward_grpc.RewardServicer):
             raise InvalidArgumentError("temperature", f"must be finite and > 0, got {temperature}")
         policy = self.state.registry.get(request.model, "policy")
         reference = self.state.registry.find(request.reference_model, "reference")
+        for i, it in enumerate(request.items):  # before the ids are copied or scanned
+            if len(it.prompt_token_ids) + len(it.response_token_ids) > policy.context_length:
+                raise InvalidArgumentError(f"items[{i}]", f"prompt + response is over the context of "
+                                           f"{policy.context_length} tokens")
         start = time.monotonic()
 
         def score(should_stop):

@@ -3,6 +3,7 @@ unknown one and with each role gets the status ARCHITECTURE.md's table gives; vo
 the token's name; undecodable bytes are INVALID_ARGUMENT; the error table reads by isinstance."""
 
 import json
+import time
 
 import grpc
 import pytest
@@ -215,3 +216,27 @@ def test_a_bad_tokens_file_is_refused_at_start(tiny_policy_dir, tmp_path):
         with pytest.raises(ValueError, match=message) as e:
             Tokens(str(tmp_path / "t.json"))
         assert "0123456789abcdefgh" not in str(e.value)
+
+
+def test_the_tokens_file_is_re_read_and_a_deleted_one_revokes_every_token(tmp_path):
+    from rlhfkit.server.auth import Tokens, add_token, remove_token
+    from rlhfkit.server.errors import UnauthenticatedError
+
+    path = tmp_path / "tokens.json"
+    first = add_token(str(path), "ann-1", "annotator")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    tokens = Tokens(str(path))
+    assert tokens.identify(f"Bearer {first}").name == "ann-1"
+    second = add_token(str(path), "ann-2", "client")
+    assert remove_token(str(path), "ann-1") == 1
+    time.sleep(1.05)  # the file is looked at at most once a second
+    assert tokens.identify(f"Bearer {second}").role == "client"
+    with pytest.raises(UnauthenticatedError, match="unknown token"):
+        tokens.identify(f"Bearer {first}")
+    path.write_text("{")  # a half-edited file keeps the last good tokens
+    time.sleep(1.05)
+    assert tokens.identify(f"Bearer {second}").name == "ann-2"
+    path.unlink()  # deleting the file locks everyone out
+    time.sleep(1.05)
+    with pytest.raises(UnauthenticatedError):
+        tokens.identify(f"Bearer {second}")

@@ -438,3 +438,37 @@ def test_mutual_tls(tls_servers, certs):
     # Without a client certificate: no reply (TLS 1.3 reports it on the first read).
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
         call(srv, "GET", "/api/models", connection=https(srv, certs))
+
+
+def test_metrics_refuse_a_foreign_host(open_server):
+    """An open /metrics read through DNS rebinding (another name resolving here) is refused."""
+    status, _, reply = call(open_server, "GET", "/metrics", headers={"Host": "evil.example"})
+    assert (status, reply["code"]) == (403, "PERMISSION_DENIED")
+    assert call(open_server, "GET", "/metrics", headers={"Host": f"localhost:{open_server.http_port}"})[0] == 200
+
+
+def test_long_arrays_are_refused_before_parsing(server, open_server):
+    """1.3 million stop token ids (3.9 MB, under --max-request-bytes) took ParseDict about 6 s;
+    they are refused at once, and a concurrent health check is not held up."""
+    body = json.dumps({"prompt": "a", "samplesOf": "policy", "sampling": {"stopTokenIds": [1] * 1_300_000}}).encode()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(open_server.address))
+    result = {}
+
+    def post():
+        start = time.monotonic()
+        result["reply"] = call(open_server, "POST", "/api/comparisons", raw=body)
+        result["took"] = time.monotonic() - start
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        start = time.monotonic()
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        slowest = max(slowest, time.monotonic() - start)
+    thread.join()
+    status, _, reply = result["reply"]
+    assert (status, reply["code"]) == (400, "INVALID_ARGUMENT")
+    assert reply["error"].startswith("sampling.stopTokenIds: 1300000 entries") and "--max-stop" in reply["error"]
+    print(f"refused in {result['took']:.2f} s; slowest health check meanwhile {slowest * 1000:.0f} ms")
+    assert result["took"] < 2.0 and slowest < PROMPT_S

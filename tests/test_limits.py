@@ -157,3 +157,26 @@ def test_limits_are_options_and_checked(tiny_policy_dir, server):
         ServeConfig(policy=str(tiny_policy_dir), max_items=0)
     with Client(server.address, timeout=60) as c:  # a request inside every limit still works
         assert len(c.generate("the cat", max_new_tokens=3, stop=["zz"] * 16).completions[0].token_ids) <= 3
+
+
+def test_token_ids_over_the_context_are_refused_before_they_are_scanned(channel, server):
+    """A million prompt token ids (about 1 MB on the wire): refused on their count alone."""
+    context = server.server.state.registry.get("", "policy").context_length
+    start = time.monotonic()
+    e = refused(generation_pb2_grpc.GenerationStub(channel).Generate,
+                gen.GenerateRequest(prompt_token_ids=[5] * 1_000_000))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith(f"prompt: is 1000000 tokens, and the model's whole context is {context}")
+    e = refused(reward_pb2_grpc.RewardStub(channel).LogProbs, reward.LogProbsRequest(items=[
+        reward.LogProbsItem(prompt_token_ids=[5] * 500_000, response_token_ids=[6] * 500_000)]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith("items[0]: prompt + response")
+    assert time.monotonic() - start < 2.0
+
+
+def test_conversations_have_a_bounded_number_of_turns(channel):
+    from rlhfkit.v1 import chat_pb2
+
+    turns = [chat_pb2.ChatMessage(role="user", content="")] * 2000
+    e = refused(generation_pb2_grpc.GenerationStub(channel).Generate, gen.GenerateRequest(messages=turns))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "messages: has 2000 turns, over --max-messages 1024"

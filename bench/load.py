@@ -6,15 +6,16 @@ clients (threads, each on its own channel) run for the whole --duration:
   streamers  GenerateStream; --cancel-share of them cancelled after 1-4 chunks,
              --short-deadline-share with a --short-deadline deadline
   scorers    Score of --score-items items (the same short-deadline share)
-  voters     CreateComparison (two samples of the policy) then SubmitVote with an annotator
+  voters     CreateComparison (--compare-models, two policies) then SubmitVote with an annotator
              token; a vote whose short deadline expired is retried once with the normal one
              (votes are idempotent); every acknowledged vote id is remembered
   probes     grpc.health.v1 Check every 0.2 s and HTTP GET /metrics every 0.5 s: the latency
              of the cheapest calls, which shows a stalled event loop or HTTP side
 
 The first half of --duration runs them alone ("well_behaved"); the second half adds one
-thread per hostile case (--hostile-cases), each repeating its request --hostile-pause seconds
-after the last one ended ("with_hostile"). The hostile cases are issue 15's:
+client per hostile case (--hostile-cases; threads of a separate process, so their megabytes
+do not hold this one's GIL), each repeating its request --hostile-pause seconds after the
+last one ended ("with_hostile"). The hostile cases are issue 15's:
 
   prompt_1mb          Generate with a 1,000,000-character text prompt
   score_50k_items     Score with 50,000 items and a 1 s deadline
@@ -23,8 +24,8 @@ after the last one ended ("with_hostile"). The hostile cases are issue 15's:
   model_name_20k      Generate naming a 20,000-character model
   malformed_bytes     bytes that are not a GenerateRequest, sent as one
   http_body_6mb       POST /api/comparisons with a 6 MB JSON body
-  http_half_sent_40   40 connections that send half a request and wait: how long until the
-                      server closes them, and a GET /metrics while they are held
+  http_half_sent_40   40 connections that stop in the middle of their headers (slowloris): when
+                      the server lets go of them, its answer, and a GET /metrics while held
 and, not run unless named, leaderboard_10000_rounds (GetLeaderboard with the most bootstrap
 rounds the server allows, a 1 s deadline: found by tests/test_fuzz.py to cost 7-16 s of CPU).
 
@@ -32,14 +33,16 @@ Reported (JSON, --out; a PNG next to it unless --no-plot): per phase, counts per
 status (hostile cases too, with their durations); p50/p90/p99 latency of the well-behaved
 calls that ran to the end with the normal deadline (GenerateStream total and first chunk,
 Score, CreateComparison, SubmitVote, health, /metrics), with and without the hostile share;
-the server's RSS every second (max and final); CPU seconds of the server, of this bench and
-of everything else on the machine per phase (others' load is contention); and whether every
+the server's RSS every second (max and final); CPU seconds of the server, of the clients and
+of everything else on the machine per phase (others' load is contention); the server log's
+errors (an INTERNAL status logs its traceback there); and whether every
 acknowledged vote is in the feedback store afterwards, read from the store itself
 (rlhfkit.server.feedback.FeedbackStore) after the server stopped.
 
 By default the server is started here in a subprocess (`rlhfkit serve`, so its RSS can be
-read from /proc/PID/status) on a small Llama built on the spot (random weights, a byte-level
-BPE tokenizer: nothing is downloaded), with a tokens file of one client, one admin and one
+read from /proc/PID/status) on small Llamas built on the spot (two policies, one served as
+the reference, and a reward model; random weights, a byte-level BPE tokenizer: nothing is
+downloaded), with a tokens file of one client token and one
 annotator token per voter. --address HOST:PORT targets a running server instead (give
 --metrics-address, --token (an annotator's or admin's, or RLHFKIT_TOKEN), --feedback-db and
 --server-pid for the HTTP cases, the votes check and RSS).
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -185,7 +189,7 @@ def scorer(conn: Conn, rec: Recorder, rng: random.Random, args, stop: threading.
 def voter(conn: Conn, rec: Recorder, rng: random.Random, args, stop: threading.Event):
     while not stop.is_set():
         phase = rec.phase
-        req = comparison_request(rng.choice(PROMPTS), samples_of="policy", temperature=0.8,
+        req = comparison_request(rng.choice(PROMPTS), models=tuple(args.compare_models.split(",")), temperature=0.8,
                                  max_new_tokens=args.comparison_tokens)
         status, comparison, seconds = status_of(lambda: conn.feedback.CreateComparison(req, metadata=conn.md,
                                                                                        timeout=args.timeout))
@@ -347,39 +351,54 @@ class Hostile:
                         "answers": dict(answers), "probe_while_held": probe, "probe_s": probe_s}
 
 
-def hostile_loop(hostile: Hostile, case: str, rec: Recorder, args, stop: threading.Event):
+def hostile_loop(hostile: Hostile, case: str, attempts: list, pause: float, stop):
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
             status, details = getattr(hostile, case)()
         except Exception as e:  # a case that breaks the bench is a result, not a reason to stop
             status, details = f"bench error {type(e).__name__}", {"error": str(e)[:200]}
-        seconds = time.perf_counter() - t0
-        rec.add("hostile " + case, status, "with_hostile")
-        with rec.lock:
-            rec.hostile[case].append({"status": status, "seconds": seconds, **details})
-        stop.wait(args.hostile_pause)
+        attempts.append({"case": case, "status": status, "seconds": time.perf_counter() - t0, **details})
+        stop.wait(pause)
+
+
+def hostile_process(address: str, http_addr, token, cases: list[str], pause: float, stop, results):
+    """The hostile clients, in a process of their own: building and sending megabytes takes
+    this process's GIL, which would otherwise delay the well-behaved clients' own threads
+    and show as server latency. Puts the list of attempts on `results` when `stop` is set."""
+    hostile, attempts = Hostile(Conn(address, token), http_addr, token), []
+    threads = [threading.Thread(target=hostile_loop, args=(hostile, c, attempts, pause, stop), daemon=True)
+               for c in cases if http_addr or not c.startswith("http_")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(attempts)
 
 
 # ---- the server, its RSS and the machine's CPU --------------------------------------------
 
 
-def build_models(out: Path, args) -> tuple[Path, Path, int]:
+def build_models(out: Path, args) -> tuple[Path, Path, Path, int]:
+    """A policy, a second policy served as the reference (comparisons of two models: the
+    leaderboard has two rows to rate) and a reward model, all of one shape."""
     from rlhfkit.training.tiny import make_tiny_checkpoint, sample_corpus, train_tokenizer
 
     tok = train_tokenizer(sample_corpus(5000), vocab_size=args.vocab_size)
     shape = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4, num_kv_heads=4,
                  max_position_embeddings=1024)
     policy = make_tiny_checkpoint(out / "policy", "policy", tok, seed=0, **shape)
+    reference = make_tiny_checkpoint(out / "reference", "policy", tok, seed=2, **shape)
     reward = make_tiny_checkpoint(out / "reward", "reward", tok, seed=1, **shape)
     from safetensors.torch import load_file
 
     params = sum(t.numel() for t in load_file(policy / "model.safetensors").values())
-    return policy, reward, params
+    return policy, reference, reward, params
 
 
-def start_server(policy: Path, reward: Path, tokens_file: Path, db: str, extra: list[str], log: Path):
-    cmd = [sys.executable, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy), "--reward", str(reward),
+def start_server(policy: Path, reference: Path, reward: Path, tokens_file: Path, db: str, extra: list[str], log: Path):
+    cmd = [sys.executable, "-m", "rlhfkit.clients.cli", "serve", "--policy", str(policy), "--reference", str(reference),
+           "--reward", str(reward),
            "--port", "0", "--metrics-port", "0", "--device", "cpu", "--auth-tokens", str(tokens_file),
            "--feedback-db", db, "--reload-interval", "0", "--log-level", "WARNING", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
@@ -435,12 +454,14 @@ class Sampler:
 
     def __init__(self, pid: int | None, rec: Recorder):
         self.pid, self.rec = pid, rec
+        self.hostile_pid = None  # the hostile clients' process, once started
         self.rss = []  # (t, MB, phase)
         self.loadavg = []
         self.cpu = {}  # phase -> {"server", "bench", "machine"} CPU seconds at its start / end
 
     def mark(self, label: str):
         self.cpu[label] = {"server": cpu_seconds(self.pid), "bench": sum(os.times()[:2]),
+                           "hostile_clients": cpu_seconds(self.hostile_pid) or 0.0,
                            "machine": machine_busy_seconds(), "wall": time.monotonic()}
 
     def run(self, stop: threading.Event):
@@ -452,10 +473,12 @@ class Sampler:
 
     def cpu_report(self, start: str, end: str) -> dict:
         a, b = self.cpu[start], self.cpu[end]
-        used = {k: (b[k] - a[k]) if a[k] is not None else None for k in ("server", "bench", "machine")}
-        others = used["machine"] - used["bench"] - (used["server"] or 0)
+        used = {k: (b[k] - a[k]) if a[k] is not None else None
+                for k in ("server", "bench", "hostile_clients", "machine")}
+        others = used["machine"] - used["bench"] - used["hostile_clients"] - (used["server"] or 0)
         return {"wall_s": b["wall"] - a["wall"], "server_cpu_s": used["server"], "bench_cpu_s": used["bench"],
-                "other_processes_cpu_s": max(0.0, others), "cores": os.cpu_count()}
+                "hostile_clients_cpu_s": used["hostile_clients"], "other_processes_cpu_s": max(0.0, others),
+                "cores": os.cpu_count()}
 
 
 # ---- the run --------------------------------------------------------------------------
@@ -548,6 +571,7 @@ def main(argv=None):
     p.add_argument("--voters", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per GenerateStream")
     p.add_argument("--comparison-tokens", type=int, default=16, help="tokens per side of a comparison")
+    p.add_argument("--compare-models", default="policy,reference", help="the two models voters compare")
     p.add_argument("--score-items", type=int, default=8)
     p.add_argument("--cancel-share", type=float, default=0.2, help="share of streams cancelled after 1-4 chunks")
     p.add_argument("--short-deadline-share", type=float, default=0.2)
@@ -573,26 +597,25 @@ def main(argv=None):
 
     tmp = Path(tempfile.mkdtemp(prefix="rlhfkit-load-"))
     proc, model = None, {}
-    tokens = {"client": "load-client-" + os.urandom(12).hex(), "admin": "load-admin-" + os.urandom(12).hex()}
+    tokens = {"client": "load-client-" + os.urandom(12).hex()}
     voter_tokens = [f"load-annotator-{i}-" + os.urandom(12).hex() for i in range(args.voters)]
     if args.address:
         address, pid, db_url = args.address, args.server_pid, args.feedback_db
         http_addr = tuple(args.metrics_address.rsplit(":", 1)) if args.metrics_address else None
         http_addr = (http_addr[0], int(http_addr[1])) if http_addr else None
-        tokens = {"client": args.token, "admin": args.token}
+        tokens = {"client": args.token}
         voter_tokens = [args.token] * args.voters
         server_cmd = None
     else:
         print("building the models ...", flush=True)
-        policy, reward, params = build_models(tmp, args)
+        policy, reference, reward, params = build_models(tmp, args)
         model = {"architecture": "Llama (random weights)", "policy_parameters": params, "hidden_size": args.hidden_size,
                  "num_layers": args.num_layers, "vocab_size": args.vocab_size, "context": 1024}
-        entries = {tokens["client"]: {"name": "load-client", "role": "client"},
-                   tokens["admin"]: {"name": "load-admin", "role": "admin"}}
+        entries = {tokens["client"]: {"name": "load-client", "role": "client"}}
         entries.update({t: {"name": f"load-annotator-{i}", "role": "annotator"} for i, t in enumerate(voter_tokens)})
         (tmp / "tokens.json").write_text(json.dumps(entries))
         db_url = f"sqlite:///{tmp / 'feedback.db'}"
-        proc, address, http_addr, server_cmd = start_server(policy, reward, tmp / "tokens.json", db_url,
+        proc, address, http_addr, server_cmd = start_server(policy, reference, reward, tmp / "tokens.json", db_url,
                                                             shlex.split(args.server_args), tmp / "server.log")
         pid = proc.pid
     args.metrics_headers = {"Authorization": f"Bearer {tokens['client']}"} if tokens["client"] else {}
@@ -601,7 +624,8 @@ def main(argv=None):
 
     rec = Recorder()
     sampler = Sampler(pid, rec)
-    stop_all, stop_hostile = threading.Event(), threading.Event()
+    mp = multiprocessing.get_context("spawn")  # gRPC does not survive fork
+    stop_all, stop_hostile, hostile_results = threading.Event(), mp.Event(), mp.Queue()
     rng = random.Random(args.seed)
     threads = [threading.Thread(target=sampler.run, args=(stop_all,), daemon=True)]
     for i in range(args.streamers):
@@ -625,11 +649,10 @@ def main(argv=None):
     sampler.mark("hostile")
     rec.phase = "with_hostile"
     hostile_starts = time.monotonic() - rec.t0
-    hostile = Hostile(Conn(address, tokens["client"]), http_addr, tokens["client"])
-    hostile_threads = [threading.Thread(target=hostile_loop, args=(hostile, c, rec, args, stop_hostile), daemon=True)
-                       for c in cases if http_addr or not c.startswith("http_")]
-    for t in hostile_threads:
-        t.start()
+    hostile = mp.Process(target=hostile_process, args=(address, http_addr, tokens["client"], cases,
+                                                       args.hostile_pause, stop_hostile, hostile_results))
+    hostile.start()
+    sampler.hostile_pid = hostile.pid
     time.sleep(args.duration / 2)
     sampler.mark("end")
     load_end = os.getloadavg()
@@ -637,8 +660,10 @@ def main(argv=None):
     stop_all.set()
     for t in threads[1:]:
         t.join(timeout=args.timeout + 5)
-    for t in hostile_threads:
-        t.join(timeout=args.timeout + 20)
+    for attempt in hostile_results.get(timeout=args.timeout + 60):
+        rec.add("hostile " + attempt["case"], attempt["status"], "with_hostile")
+        rec.hostile[attempt.pop("case")].append(attempt)
+    hostile.join()
     final_rss = rss_mb(pid) if pid else None
     hwm = None
     if pid:

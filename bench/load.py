@@ -64,6 +64,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -706,6 +707,7 @@ def main(argv=None):
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_plot:
         plot(result, rec, out.with_suffix(".png"))
+    shutil.rmtree(tmp, ignore_errors=True)  # the models, tokens, store and log: the JSON has what counts
     print(json.dumps({k: result[k] for k in ("latency_ratio_with_hostile", "votes")}, indent=1))
     print(f"wrote {out}")
 

@@ -16,6 +16,7 @@ prompt). Stores created before that column existed get it on open (migrate()).
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -162,18 +163,23 @@ class FeedbackStore:
             raise ValueError(f"feedback_db must be a database URL (sqlite:///PATH or postgresql://...), got {url!r}")
         self.url = database_url(url)
         self._engine: sa.Engine | None = None
+        self._opening = threading.Lock()  # the first two requests must not both create the tables
 
     @property
     def engine(self) -> sa.Engine:
-        if self._engine is None:
-            engine = sa.create_engine(self.url, pool_pre_ping=True)
-            if engine.dialect.name == "sqlite":
-                sa.event.listen(engine, "connect", _sqlite_durable)
-                if engine.url.database and engine.url.database != ":memory:":
-                    Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-            metadata.create_all(engine, checkfirst=True)
-            migrate(engine)
-            self._engine = engine
+        with self._opening:
+            if self._engine is None:
+                engine = sa.create_engine(self.url, pool_pre_ping=True)
+                if engine.dialect.name == "sqlite":
+                    sa.event.listen(engine, "connect", _sqlite_durable)
+                    if engine.url.database and engine.url.database != ":memory:":
+                        Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    metadata.create_all(engine, checkfirst=True)
+                except sa.exc.DBAPIError:  # another replica created them between our check and create
+                    metadata.create_all(engine, checkfirst=True)
+                migrate(engine)
+                self._engine = engine
         return self._engine
 
     def close(self):

@@ -20,7 +20,7 @@ from rlhfkit.chat import as_messages
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
 from rlhfkit.server.auth import NO_CALLER, caller
-from rlhfkit.server.errors import PermissionDeniedError
+from rlhfkit.server.errors import LimitExceededError, PermissionDeniedError
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.ratings import rate
 from rlhfkit.server.service import GenerationService, ServerState
@@ -141,8 +141,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
 
     async def GetLeaderboard(self, request: fb_pb.GetLeaderboardRequest, context=None) -> fb_pb.Leaderboard:
         rounds = request.bootstrap_rounds or 100
-        if rounds > 10000:
-            raise InvalidArgumentError("bootstrap_rounds", f"must be at most 10000, got {rounds}")
+        limit = self.state.limits.max_bootstrap_rounds
+        if rounds > limit:
+            raise LimitExceededError("bootstrap_rounds", f"is {rounds}, over --max-bootstrap-rounds {limit}")
         battles = await self._db(self.store.battles)
         r = await asyncio.get_running_loop().run_in_executor(
             self.ratings_pool, rate, battles, rounds, request.seed if request.HasField("seed") else 0)

@@ -304,3 +304,26 @@ def test_export_conversational_formats(store, url, tmp_path, capsys):
         assert cli_main(["feedback", "export", "--feedback-db", url, "--format", fmt, "--out", str(out)]) == 0
         assert f"2 {fmt} records" in capsys.readouterr().err
         assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == expected[fmt]
+
+
+def test_a_fresh_store_opened_by_two_requests_at_once(tmp_path):
+    """The first two requests on a new store both found no tables; one of them failed creating
+    them (INTERNAL in the load bench)."""
+    import threading
+
+    for k in range(5):
+        store = FeedbackStore(f"sqlite:///{tmp_path / f'fb{k}.db'}")
+        start, errors = threading.Barrier(4), []
+
+        def add():
+            start.wait()
+            try:
+                store.add_comparison("p", "samples", ("a", "a@1", "x"), ("a", "a@1", "y"))
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=add) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        store.close()
+        assert errors == []

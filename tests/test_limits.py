@@ -152,6 +152,15 @@ def test_a_message_over_max_request_bytes_is_refused(channel):
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_leaderboard_bootstrap_rounds_are_bounded(channel):
+    from rlhfkit.v1 import feedback_pb2, feedback_pb2_grpc
+
+    e = refused(feedback_pb2_grpc.FeedbackStub(channel).GetLeaderboard,
+                feedback_pb2.GetLeaderboardRequest(bootstrap_rounds=10_000))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "bootstrap_rounds: is 10000, over --max-bootstrap-rounds 1000"
+
+
 def test_limits_are_options_and_checked(tiny_policy_dir, server):
     with pytest.raises(ValueError, match="max_items must be >= 1"):
         ServeConfig(policy=str(tiny_policy_dir), max_items=0)

@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from rlhfkit.chat import ChatFormatError, as_messages
+from rlhfkit.clients.client import read_pem
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
 from rlhfkit.server.auth import MIN_TOKEN_CHARS, AccessInterceptor, Tokens, is_loopback
@@ -48,13 +49,6 @@ SERVICE_NAMES = [
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
     feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,
 ]
-
-
-def read_file(path: str, option: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{option} {path}: {e.strerror or e}") from None
 
 
 @dataclass
@@ -144,8 +138,8 @@ class ServeConfig(RequestLimits):
         """TLS credentials of --tls-cert/--tls-key (and --tls-client-ca), None for plaintext."""
         if not self.tls_cert:
             return None
-        ca = read_file(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca else None
-        return grpc.ssl_server_credentials([(read_file(self.tls_key, "--tls-key"), read_file(self.tls_cert, "--tls-cert"))],
+        ca = read_pem(self.tls_client_ca, "--tls-client-ca")
+        return grpc.ssl_server_credentials([(read_pem(self.tls_key, "--tls-key"), read_pem(self.tls_cert, "--tls-cert"))],
                                            root_certificates=ca, require_client_auth=ca is not None)
 
 

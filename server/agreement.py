@@ -1,0 +1,94 @@
+"""How far annotators agree, from their votes on the same comparisons (issue #17, item 4).
+
+Both annotators of a comparison saw the same two responses on the same sides, so their
+choices (left, right, tie, both_bad) compare directly.
+
+- Cohen's kappa for two annotators over the comparisons both voted on:
+  (p_o - p_e) / (1 - p_e), p_e from each annotator's own choice frequencies on those items.
+- Fleiss' kappa for comparisons that the same number of annotators voted on (its formula
+  needs that): the items x categories count table.
+- Each annotator's agreement with the majority of the *other* annotators of each comparison
+  (comparisons with a strict majority among the others only).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+CHOICES = ("left", "right", "tie", "both_bad")
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Cohen's kappa of two equally long label lists; NaN when chance agreement is 1 (both
+    always chose the same single label: kappa is undefined)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"cohen_kappa needs two non-empty lists of equal length, got {len(a)} and {len(b)}")
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    fa, fb = Counter(a), Counter(b)
+    chance = sum(fa[c] * fb[c] for c in set(fa) | set(fb)) / (n * n)
+    return float("nan") if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def fleiss_kappa(counts: np.ndarray) -> float:
+    """Fleiss' kappa of an items x categories table of how many raters chose each category;
+    every row must sum to the same number of raters (at least 2)."""
+    counts = np.asarray(counts, dtype=float)
+    raters = counts.sum(1)
+    if counts.ndim != 2 or len(counts) == 0 or raters.min() != raters.max() or raters[0] < 2:
+        raise ValueError("fleiss_kappa needs a non-empty items x categories table with the same number "
+                         "(>= 2) of raters in every row")
+    n = raters[0]
+    per_item = ((counts * (counts - 1)).sum(1)) / (n * (n - 1))
+    p_bar = per_item.mean()
+    shares = counts.sum(0) / counts.sum()
+    p_e = float((shares ** 2).sum())
+    return float("nan") if p_e == 1 else float((p_bar - p_e) / (1 - p_e))
+
+
+@dataclass
+class AnnotatorAgreement:
+    pairwise: dict[tuple[str, str], tuple[float, int]]  # (a, b) -> (Cohen's kappa, shared comparisons)
+    fleiss: tuple[float, int, int] | None  # (kappa, comparisons, raters per comparison), None without data
+    with_majority: dict[str, tuple[float, int]]  # annotator -> (share agreeing, comparisons counted)
+
+
+def agreement(votes: list[tuple[str, str, str]]) -> AnnotatorAgreement:
+    """votes: (comparison_id, annotator_id, choice). An annotator's later vote on a comparison
+    replaces an earlier one (the store keeps one per annotator)."""
+    by_item: dict[str, dict[str, str]] = defaultdict(dict)
+    for comparison, annotator, choice in votes:
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        by_item[comparison][annotator] = choice
+    annotators = sorted({a for item in by_item.values() for a in item})
+    pairwise = {}
+    for a, b in combinations(annotators, 2):
+        shared = [item for item in by_item.values() if a in item and b in item]
+        if shared:
+            pairwise[(a, b)] = (cohen_kappa([i[a] for i in shared], [i[b] for i in shared]), len(shared))
+    # Fleiss over the comparisons with the most common number (>= 2) of annotators.
+    sizes = Counter(len(item) for item in by_item.values() if len(item) >= 2)
+    fleiss = None
+    if sizes:
+        size = max(sizes, key=lambda s: (sizes[s], s))
+        rows = [[list(item.values()).count(c) for c in CHOICES] for item in by_item.values() if len(item) == size]
+        fleiss = (fleiss_kappa(np.array(rows)), len(rows), size)
+    with_majority = {}
+    for a in annotators:
+        agree = counted = 0
+        for item in by_item.values():
+            if a not in item:
+                continue
+            others = Counter(c for who, c in item.items() if who != a).most_common(2)
+            if not others or (len(others) == 2 and others[0][1] == others[1][1]):
+                continue  # nobody else, or no strict majority among the others
+            counted += 1
+            agree += item[a] == others[0][0]
+        if counted:
+            with_majority[a] = (agree / counted, counted)
+    return AnnotatorAgreement(pairwise, fleiss, with_majority)

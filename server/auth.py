@@ -31,7 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from rlhfkit.server.errors import (PermissionDeniedError, UnauthenticatedError, request_error_status)
+from rlhfkit.errors import InvalidArgumentError
+from rlhfkit.server.errors import PermissionDeniedError, UnauthenticatedError, request_error_status
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ GRPC_ROLES = {
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MIN_TOKEN_CHARS = 16
-
 
 
 @dataclass(frozen=True)
@@ -273,28 +273,25 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 refusal = e
         fail = self.fail
 
-        async def guarded(request, context):
+        def admit(request):
+            """Raise the refusal of a call that may not go on; else make its caller known."""
             if refusal is not None:
-                return await fail(context, method, refusal)
+                raise refusal
             if isinstance(request, _Malformed):
-                return await fail(context, method, None, grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"request: the bytes are not a valid {method} request message ({request.error})")
+                raise InvalidArgumentError("request", f"the bytes are not a valid {method} request message "
+                                           f"({request.error})")
             caller.set(identity)
+
+        async def guarded(request, context):
             try:
+                admit(request)
                 return await handler.unary_unary(request, context)
             except Exception as e:
                 await fail(context, method, e)
 
         async def guarded_stream(request, context):
-            if refusal is not None:
-                await fail(context, method, refusal)
-                return
-            if isinstance(request, _Malformed):
-                await fail(context, method, None, grpc.StatusCode.INVALID_ARGUMENT,
-                           f"request: the bytes are not a valid {method} request message ({request.error})")
-                return
-            caller.set(identity)
             try:
+                admit(request)
                 async for item in handler.unary_stream(request, context):
                     yield item
             except Exception as e:
@@ -308,12 +305,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(guarded_stream, deserializer, handler.response_serializer)
         return handler  # no client-streaming RPCs in rlhfkit.v1
 
-    async def fail(self, context, method: str, exc: Exception | None, code=None, message: str = ""):
+    async def fail(self, context, method: str, exc: Exception):
         if isinstance(exc, grpc.aio.AbortError):
             raise exc  # the servicer already set its status
-        if exc is not None:
-            code, message = request_error_status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("%s failed", method, exc_info=exc)
+        code, message = request_error_status(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=exc)
         self.metrics.rpc_errors.labels(method, code.name).inc()
         await context.abort(code, message)

@@ -214,7 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             super().handle()
-        except (ConnectionError, ssl.SSLError, TimeoutError) as e:  # the client went away mid-reply
+        except GONE as e:  # the client went away mid-reply
             log.debug("%s: %s", self.address_string(), e)
 
     def handshake(self) -> bool:

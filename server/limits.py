@@ -64,6 +64,12 @@ def check_prompt(prefix: str, text: str, messages, limits: RequestLimits):
     check_chars(prefix + "prompt", text, limits.max_prompt_chars, "max_prompt_chars")
 
 
+def check_scored_item(prefix: str, text: str, messages, response: str, limits: RequestLimits):
+    """One {prompt or messages, response} item of Score, Compare or LogProbs."""
+    check_prompt(prefix, text, messages, limits)
+    check_chars(prefix + "response", response, limits.max_prompt_chars, "max_prompt_chars")
+
+
 def check_prompt_tokens(field_name: str, n_tokens: int, limits: RequestLimits):
     if limits.max_prompt_tokens and n_tokens > limits.max_prompt_tokens:
         raise LimitExceededError(field_name, f"is {n_tokens} tokens, over --max-prompt-tokens {limits.max_prompt_tokens}")
@@ -91,6 +97,4 @@ def check_generate(request, limits: RequestLimits):
     check_id("request_id", request.request_id, limits)
     check_id("model", request.model, limits)
     check_prompt("", request.prompt, request.messages, limits)
-    if limits.max_prompt_tokens:
-        check_prompt_tokens("prompt_token_ids", len(request.prompt_token_ids), limits)
     check_sampling("sampling.", request.sampling, limits)

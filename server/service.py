@@ -230,8 +230,7 @@ class RewardService(reward_grpc.RewardServicer):
         limits = self.state.limits
         lim.check_id("model", model, limits)
         for field, text, messages, response in items:
-            lim.check_prompt(field, text, messages, limits)
-            lim.check_chars(field + "response", response, limits.max_prompt_chars, "max_prompt_chars")
+            lim.check_scored_item(field, text, messages, response, limits)
         rm = self.state.registry.get(model, "reward")
         start = time.monotonic()
 
@@ -295,8 +294,7 @@ class RewardService(reward_grpc.RewardServicer):
         for field, value in (("model", request.model), ("reference_model", request.reference_model)):
             lim.check_id(field, value, limits)
         for i, it in enumerate(request.items):
-            lim.check_prompt(f"items[{i}].", it.prompt, it.messages, limits)
-            lim.check_chars(f"items[{i}].response", it.response, limits.max_prompt_chars, "max_prompt_chars")
+            lim.check_scored_item(f"items[{i}].", it.prompt, it.messages, it.response, limits)
         temperature = request.temperature if request.HasField("temperature") else 1.0
         if not math.isfinite(temperature) or temperature <= 0:
             raise InvalidArgumentError("temperature", f"must be finite and > 0, got {temperature}")

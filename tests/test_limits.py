@@ -189,3 +189,13 @@ def test_conversations_have_a_bounded_number_of_turns(channel):
     e = refused(generation_pb2_grpc.GenerationStub(channel).Generate, gen.GenerateRequest(messages=turns))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "messages: has 2000 turns, over --max-messages 1024"
+
+
+def test_max_prompt_tokens_bounds_token_ids():
+    from rlhfkit.server.limits import RequestLimits
+    from rlhfkit.server.service import request_prompt_ids
+
+    with pytest.raises(ValueError) as e:  # token ids need no model to count
+        request_prompt_ids(None, "", [5] * 10, [], "", RequestLimits(max_prompt_tokens=4))
+    assert str(e.value) == "prompt_token_ids: is 10 tokens, over --max-prompt-tokens 4"
+    assert request_prompt_ids(None, "", [5] * 4, [], "", RequestLimits(max_prompt_tokens=4)) == ("", [5] * 4)

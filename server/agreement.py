@@ -92,3 +92,8 @@ def agreement(votes: list[tuple[str, str, str]]) -> AnnotatorAgreement:
         if counted:
             with_majority[a] = (agree / counted, counted)
     return AnnotatorAgreement(pairwise, fleiss, with_majority)
+
+
+def annotator_report(rows: list[dict], max_votes_per_day: int = 0, days: int = 14, now: float | None = None):
+    """The AnnotatorReport of voted comparisons (FeedbackStore.voted_comparisons rows)."""
+    raise NotImplementedError("annotator_report: being written (issue #17, item 4)")

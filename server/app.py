@@ -70,6 +70,12 @@ class ServeConfig(RequestLimits):
                                                                     "(default: sqlite feedback.db in --store, else rlhfkit-feedback.db "
                                                                     "in the working directory; created on first use)"})
     feedback_prompts: str | None = field(default=None, metadata={"help": "JSONL of {\"prompt\"} lines the labeling page draws prompts from"})
+    arena_models: list[str] = field(default_factory=list, metadata={"help": "policies (names or roles) that server-chosen matchups draw from "
+                                                                           "(default: every served policy)"})
+    arena_sampling: str = field(default='{"temperature": 0.7, "max_new_tokens": 256}', metadata={
+        "help": "decoding of server-chosen matchups, as SamplingParams JSON (the annotator cannot change it)"})
+    max_votes_per_annotator_per_day: int = field(default=0, metadata={"help": "most votes one annotator may cast per UTC day; "
+                                                                               "more get RESOURCE_EXHAUSTED (0: no cap)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype"})
     engine: Literal["native", "vllm"] = field(default="native", metadata={"help": "generation engine: native (continuous batching on PyTorch, the default) or vllm (needs the vllm extra; scoring stays native)"})
@@ -193,7 +199,7 @@ class RlhfkitServer:
         self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh, limits=config)
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None
         self.feedback_store = FeedbackStore(config.feedback_db)
-        self.feedback = FeedbackService(self.state, self.feedback_store)
+        self.feedback = FeedbackService(self.state, self.feedback_store, config.max_votes_per_annotator_per_day)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

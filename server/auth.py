@@ -51,6 +51,7 @@ GRPC_ROLES = {
     "/rlhfkit.v1.Feedback/CreateComparison": "client",
     "/rlhfkit.v1.Feedback/GetLeaderboard": "client",
     "/rlhfkit.v1.Feedback/SubmitVote": "annotator",
+    "/rlhfkit.v1.Feedback/GetAnnotators": "admin",
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MIN_TOKEN_CHARS = 16

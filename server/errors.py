@@ -42,6 +42,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
 
 
+class QuotaExceededError(RuntimeError):
+    """The caller used up a quota of the server's (an annotator's votes for the day)."""
+
+
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down."""
 
@@ -74,6 +78,7 @@ STATUS_TABLE = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
     (ServerLoadingError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -212,7 +212,8 @@ class FeedbackStore:
         with self.engine.connect() as c:
             return read(c)
 
-    def add_vote(self, comparison_id: str, choice: str, annotator_id: str, rationale: str | None = None) -> Vote:
+    def add_vote(self, comparison_id: str, choice: str, annotator_id: str, rationale: str | None = None,
+                 max_per_day: int = 0) -> Vote:
         """Record a vote; returns once it is committed. The same vote again returns the
         recorded one; a different one by the same annotator raises VoteConflictError."""
         if choice not in CHOICES:

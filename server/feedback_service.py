@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToJson
 from rlhfkit.chat import as_messages
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
+from rlhfkit.server.agreement import annotator_report
 from rlhfkit.server.auth import NO_CALLER, caller
 from rlhfkit.server.errors import LimitExceededError, PermissionDeniedError
 from rlhfkit.server.feedback import FeedbackStore
@@ -34,9 +35,10 @@ CHOICE_OF = {v: k for k, v in CHOICE_NAMES.items()}
 
 
 class FeedbackService(fb_grpc.FeedbackServicer):
-    def __init__(self, state: ServerState, store: FeedbackStore):
+    def __init__(self, state: ServerState, store: FeedbackStore, max_votes_per_day: int = 0):
         self.state = state
         self.store = store
+        self.max_votes_per_day = max_votes_per_day  # per annotator per UTC day; 0: no cap
         self.generation = GenerationService(state)
         # Bootstrapped ratings take seconds of CPU: one at a time, and never in the pool the
         # store's writes (votes) go through.
@@ -130,7 +132,8 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             raise InvalidArgumentError("choice", "must be CHOICE_LEFT, CHOICE_RIGHT, CHOICE_TIE or CHOICE_BOTH_BAD, "
                                        f"got {fb_pb.Choice.Name(request.choice) if request.choice in fb_pb.Choice.values() else request.choice}")
         vote = await self._db(self.store.add_vote, request.comparison_id, CHOICE_NAMES[request.choice],
-                              annotator, request.rationale if request.HasField("rationale") else None)
+                              annotator, request.rationale if request.HasField("rationale") else None,
+                              self.max_votes_per_day)
         if not vote.already_recorded:
             self.state.metrics.feedback_votes.labels(vote.choice).inc()
         c = vote.comparison
@@ -155,3 +158,11 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             models=r.models, num_votes=len(battles), num_battles=r.num_battles,
             win_rates=[fb_pb.WinRateRow(model=m, win_rates=r.win_rates[i].tolist(), battles=r.battles[i].tolist())
                        for i, m in enumerate(r.models)])
+
+    async def GetAnnotators(self, request: fb_pb.GetAnnotatorsRequest, context=None) -> fb_pb.AnnotatorReport:
+        days = request.days or 14
+        if days > 366:
+            raise InvalidArgumentError("days", f"must be at most 366, got {days}")
+        rows = await self._db(self.store.voted_comparisons)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.ratings_pool, annotator_report, rows, self.max_votes_per_day, days)

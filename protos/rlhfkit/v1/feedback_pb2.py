@@ -26,15 +26,15 @@ from rlhfkit.v1 import chat_pb2 as rlhfkit_dot_v1_dot_chat__pb2
 from rlhfkit.v1 import generation_pb2 as rlhfkit_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhfkit/v1/feedback.proto\x12\nrlhfkit.v1\x1a\x15rlhfkit/v1/chat.proto\x1a\x1brlhfkit/v1/generation.proto\"-\n\tModelPair\x12\x0f\n\x07model_a\x18\x01 \x01(\t\x12\x0f\n\x07model_b\x18\x02 \x01(\t\"\xcb\x01\n\x17\x43reateComparisonRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x01(\x0b\x32\x15.rlhfkit.v1.ModelPairH\x00\x12\x14\n\nsamples_of\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.rlhfkit.v1.SamplingParams\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessageB\x08\n\x06source\"{\n\nComparison\x12\x15\n\rcomparison_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\x12\r\n\x05right\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"\x8a\x01\n\x11SubmitVoteRequest\x12\x15\n\rcomparison_id\x18\x01 \x01(\t\x12\"\n\x06\x63hoice\x18\x02 \x01(\x0e\x32\x12.rlhfkit.v1.Choice\x12\x14\n\x0c\x61nnotator_id\x18\x03 \x01(\t\x12\x16\n\trationale\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_rationale\"\xdc\x01\n\x12SubmitVoteResponse\x12\x0f\n\x07vote_id\x18\x01 \x01(\t\x12\x15\n\rcomparison_id\x18\x02 \x01(\t\x12\"\n\x06\x63hoice\x18\x03 \x01(\x0e\x32\x12.rlhfkit.v1.Choice\x12\x12\n\nleft_model\x18\x04 \x01(\t\x12\x13\n\x0bright_model\x18\x05 \x01(\t\x12\x1a\n\x12left_model_version\x18\x06 \x01(\t\x12\x1b\n\x13right_model_version\x18\x07 \x01(\t\x12\x18\n\x10\x61lready_recorded\x18\x08 \x01(\x08\"M\n\x15GetLeaderboardRequest\x12\x18\n\x10\x62ootstrap_rounds\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xc9\x01\n\x0bModelRating\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x65lo\x18\x02 \x01(\x01\x12\x15\n\rbradley_terry\x18\x03 \x01(\x01\x12\x1b\n\x13\x62radley_terry_lower\x18\x04 \x01(\x01\x12\x1b\n\x13\x62radley_terry_upper\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61ttles\x18\x06 \x01(\r\x12\x0c\n\x04wins\x18\x07 \x01(\r\x12\x0e\n\x06losses\x18\x08 \x01(\r\x12\x0c\n\x04ties\x18\t \x01(\r\x12\x10\n\x08\x62oth_bad\x18\n \x01(\r\"?\n\nWinRateRow\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\twin_rates\x18\x02 \x03(\x01\x12\x0f\n\x07\x62\x61ttles\x18\x03 \x03(\r\"\x9a\x01\n\x0bLeaderboard\x12(\n\x07ratings\x18\x01 \x03(\x0b\x32\x17.rlhfkit.v1.ModelRating\x12\x0e\n\x06models\x18\x02 \x03(\t\x12)\n\twin_rates\x18\x03 \x03(\x0b\x32\x16.rlhfkit.v1.WinRateRow\x12\x11\n\tnum_votes\x18\x04 \x01(\r\x12\x13\n\x0bnum_battles\x18\x05 \x01(\r*h\n\x06\x43hoice\x12\x16\n\x12\x43HOICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x43HOICE_LEFT\x10\x01\x12\x10\n\x0c\x43HOICE_RIGHT\x10\x02\x12\x0e\n\nCHOICE_TIE\x10\x03\x12\x13\n\x0f\x43HOICE_BOTH_BAD\x10\x04\x32\xf6\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12O\n\x10\x43reateComparison\x12#.rlhfkit.v1.CreateComparisonRequest\x1a\x16.rlhfkit.v1.Comparison\x12K\n\nSubmitVote\x12\x1d.rlhfkit.v1.SubmitVoteRequest\x1a\x1e.rlhfkit.v1.SubmitVoteResponse\x12L\n\x0eGetLeaderboard\x12!.rlhfkit.v1.GetLeaderboardRequest\x1a\x17.rlhfkit.v1.Leaderboardb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhfkit/v1/feedback.proto\x12\nrlhfkit.v1\x1a\x15rlhfkit/v1/chat.proto\x1a\x1brlhfkit/v1/generation.proto\"-\n\tModelPair\x12\x0f\n\x07model_a\x18\x01 \x01(\t\x12\x0f\n\x07model_b\x18\x02 \x01(\t\"\xcb\x01\n\x17\x43reateComparisonRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x01(\x0b\x32\x15.rlhfkit.v1.ModelPairH\x00\x12\x14\n\nsamples_of\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.rlhfkit.v1.SamplingParams\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessageB\x08\n\x06source\"{\n\nComparison\x12\x15\n\rcomparison_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\x12\r\n\x05right\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.rlhfkit.v1.ChatMessage\"\x8a\x01\n\x11SubmitVoteRequest\x12\x15\n\rcomparison_id\x18\x01 \x01(\t\x12\"\n\x06\x63hoice\x18\x02 \x01(\x0e\x32\x12.rlhfkit.v1.Choice\x12\x14\n\x0c\x61nnotator_id\x18\x03 \x01(\t\x12\x16\n\trationale\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_rationale\"\xdc\x01\n\x12SubmitVoteResponse\x12\x0f\n\x07vote_id\x18\x01 \x01(\t\x12\x15\n\rcomparison_id\x18\x02 \x01(\t\x12\"\n\x06\x63hoice\x18\x03 \x01(\x0e\x32\x12.rlhfkit.v1.Choice\x12\x12\n\nleft_model\x18\x04 \x01(\t\x12\x13\n\x0bright_model\x18\x05 \x01(\t\x12\x1a\n\x12left_model_version\x18\x06 \x01(\t\x12\x1b\n\x13right_model_version\x18\x07 \x01(\t\x12\x18\n\x10\x61lready_recorded\x18\x08 \x01(\x08\"q\n\x15GetLeaderboardRequest\x12\x18\n\x10\x62ootstrap_rounds\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\x08prior_sd\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_prior_sd\"\xa3\x02\n\x0bModelRating\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x65lo\x18\x02 \x01(\x01\x12\x15\n\rbradley_terry\x18\x03 \x01(\x01\x12\x1b\n\x13\x62radley_terry_lower\x18\x04 \x01(\x01\x12\x1b\n\x13\x62radley_terry_upper\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61ttles\x18\x06 \x01(\r\x12\x0c\n\x04wins\x18\x07 \x01(\r\x12\x0e\n\x06losses\x18\x08 \x01(\r\x12\x0c\n\x04ties\x18\t \x01(\r\x12\x10\n\x08\x62oth_bad\x18\n \x01(\r\x12\x18\n\x10style_controlled\x18\x0b \x01(\x01\x12\x1e\n\x16style_controlled_lower\x18\x0c \x01(\x01\x12\x1e\n\x16style_controlled_upper\x18\r \x01(\x01\"U\n\x10StyleCoefficient\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x12\n\nelo_per_sd\x18\x02 \x01(\x01\x12\r\n\x05lower\x18\x03 \x01(\x01\x12\r\n\x05upper\x18\x04 \x01(\x01\"?\n\nWinRateRow\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\twin_rates\x18\x02 \x03(\x01\x12\x0f\n\x07\x62\x61ttles\x18\x03 \x03(\r\"\xd9\x01\n\x0bLeaderboard\x12(\n\x07ratings\x18\x01 \x03(\x0b\x32\x17.rlhfkit.v1.ModelRating\x12\x0e\n\x06models\x18\x02 \x03(\t\x12)\n\twin_rates\x18\x03 \x03(\x0b\x32\x16.rlhfkit.v1.WinRateRow\x12\x11\n\tnum_votes\x18\x04 \x01(\r\x12\x13\n\x0bnum_battles\x18\x05 \x01(\r\x12+\n\x05style\x18\x06 \x03(\x0b\x32\x1c.rlhfkit.v1.StyleCoefficient\x12\x10\n\x08prior_sd\x18\x07 \x01(\x01\"$\n\x14GetAnnotatorsRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\r\"(\n\nDailyVotes\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\r\n\x05votes\x18\x02 \x01(\r\"\xb4\x02\n\x0e\x41nnotatorStats\x12\x11\n\tannotator\x18\x01 \x01(\t\x12\r\n\x05votes\x18\x02 \x01(\r\x12\x13\n\x0bvotes_today\x18\x03 \x01(\r\x12$\n\x17\x61greement_with_majority\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x14majority_comparisons\x18\x05 \x01(\r\x12(\n\x1b\x61greement_with_reward_model\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\x12reward_comparisons\x18\x07 \x01(\r\x12%\n\x05\x64\x61ily\x18\x08 \x03(\x0b\x32\x16.rlhfkit.v1.DailyVotesB\x1a\n\x18_agreement_with_majorityB\x1e\n\x1c_agreement_with_reward_model\"j\n\rAnnotatorPair\x12\x13\n\x0b\x61nnotator_a\x18\x01 \x01(\t\x12\x13\n\x0b\x61nnotator_b\x18\x02 \x01(\t\x12\x1a\n\x12shared_comparisons\x18\x03 \x01(\r\x12\x13\n\x0b\x63ohen_kappa\x18\x04 \x01(\x01\"\x86\x02\n\x0f\x41nnotatorReport\x12.\n\nannotators\x18\x01 \x03(\x0b\x32\x1a.rlhfkit.v1.AnnotatorStats\x12(\n\x05pairs\x18\x02 \x03(\x0b\x32\x19.rlhfkit.v1.AnnotatorPair\x12\x19\n\x0c\x66leiss_kappa\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\x12\x66leiss_comparisons\x18\x04 \x01(\r\x12\x15\n\rfleiss_raters\x18\x05 \x01(\r\x12\'\n\x1fmax_votes_per_annotator_per_day\x18\x06 \x01(\r\x12\x11\n\tnum_votes\x18\x07 \x01(\rB\x0f\n\r_fleiss_kappa*h\n\x06\x43hoice\x12\x16\n\x12\x43HOICE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x43HOICE_LEFT\x10\x01\x12\x10\n\x0c\x43HOICE_RIGHT\x10\x02\x12\x0e\n\nCHOICE_TIE\x10\x03\x12\x13\n\x0f\x43HOICE_BOTH_BAD\x10\x04\x32\xc6\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12O\n\x10\x43reateComparison\x12#.rlhfkit.v1.CreateComparisonRequest\x1a\x16.rlhfkit.v1.Comparison\x12K\n\nSubmitVote\x12\x1d.rlhfkit.v1.SubmitVoteRequest\x1a\x1e.rlhfkit.v1.SubmitVoteResponse\x12L\n\x0eGetLeaderboard\x12!.rlhfkit.v1.GetLeaderboardRequest\x1a\x17.rlhfkit.v1.Leaderboard\x12N\n\rGetAnnotators\x12 .rlhfkit.v1.GetAnnotatorsRequest\x1a\x1b.rlhfkit.v1.AnnotatorReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhfkit.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHOICE']._serialized_start=1340
-  _globals['_CHOICE']._serialized_end=1444
+  _globals['_CHOICE']._serialized_start=2380
+  _globals['_CHOICE']._serialized_end=2484
   _globals['_MODELPAIR']._serialized_start=93
   _globals['_MODELPAIR']._serialized_end=138
   _globals['_CREATECOMPARISONREQUEST']._serialized_start=141
@@ -46,13 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITVOTERESPONSE']._serialized_start=613
   _globals['_SUBMITVOTERESPONSE']._serialized_end=833
   _globals['_GETLEADERBOARDREQUEST']._serialized_start=835
-  _globals['_GETLEADERBOARDREQUEST']._serialized_end=912
-  _globals['_MODELRATING']._serialized_start=915
-  _globals['_MODELRATING']._serialized_end=1116
-  _globals['_WINRATEROW']._serialized_start=1118
-  _globals['_WINRATEROW']._serialized_end=1181
-  _globals['_LEADERBOARD']._serialized_start=1184
-  _globals['_LEADERBOARD']._serialized_end=1338
-  _globals['_FEEDBACK']._serialized_start=1447
-  _globals['_FEEDBACK']._serialized_end=1693
+  _globals['_GETLEADERBOARDREQUEST']._serialized_end=948
+  _globals['_MODELRATING']._serialized_start=951
+  _globals['_MODELRATING']._serialized_end=1242
+  _globals['_STYLECOEFFICIENT']._serialized_start=1244
+  _globals['_STYLECOEFFICIENT']._serialized_end=1329
+  _globals['_WINRATEROW']._serialized_start=1331
+  _globals['_WINRATEROW']._serialized_end=1394
+  _globals['_LEADERBOARD']._serialized_start=1397
+  _globals['_LEADERBOARD']._serialized_end=1614
+  _globals['_GETANNOTATORSREQUEST']._serialized_start=1616
+  _globals['_GETANNOTATORSREQUEST']._serialized_end=1652
+  _globals['_DAILYVOTES']._serialized_start=1654
+  _globals['_DAILYVOTES']._serialized_end=1694
+  _globals['_ANNOTATORSTATS']._serialized_start=1697
+  _globals['_ANNOTATORSTATS']._serialized_end=2005
+  _globals['_ANNOTATORPAIR']._serialized_start=2007
+  _globals['_ANNOTATORPAIR']._serialized_end=2113
+  _globals['_ANNOTATORREPORT']._serialized_start=2116
+  _globals['_ANNOTATORREPORT']._serialized_end=2378
+  _globals['_FEEDBACK']._serialized_start=2487
+  _globals['_FEEDBACK']._serialized_end=2813
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,11 @@ class FeedbackStub:
                 request_serializer=rlhfkit_dot_v1_dot_feedback__pb2.GetLeaderboardRequest.SerializeToString,
                 response_deserializer=rlhfkit_dot_v1_dot_feedback__pb2.Leaderboard.FromString,
                 _registered_method=True)
+        self.GetAnnotators = channel.unary_unary(
+                '/rlhfkit.v1.Feedback/GetAnnotators',
+                request_serializer=rlhfkit_dot_v1_dot_feedback__pb2.GetAnnotatorsRequest.SerializeToString,
+                response_deserializer=rlhfkit_dot_v1_dot_feedback__pb2.AnnotatorReport.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -80,6 +85,14 @@ class FeedbackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAnnotators(self, request, context):
+        """Who votes, how much, and how far they agree with each other, with the majority and with
+        the served reward model (admin role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +110,11 @@ def add_FeedbackServicer_to_server(servicer, server):
                     servicer.GetLeaderboard,
                     request_deserializer=rlhfkit_dot_v1_dot_feedback__pb2.GetLeaderboardRequest.FromString,
                     response_serializer=rlhfkit_dot_v1_dot_feedback__pb2.Leaderboard.SerializeToString,
+            ),
+            'GetAnnotators': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnnotators,
+                    request_deserializer=rlhfkit_dot_v1_dot_feedback__pb2.GetAnnotatorsRequest.FromString,
+                    response_serializer=rlhfkit_dot_v1_dot_feedback__pb2.AnnotatorReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +201,33 @@ class Feedback:
             '/rlhfkit.v1.Feedback/GetLeaderboard',
             rlhfkit_dot_v1_dot_feedback__pb2.GetLeaderboardRequest.SerializeToString,
             rlhfkit_dot_v1_dot_feedback__pb2.Leaderboard.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnnotators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhfkit.v1.Feedback/GetAnnotators',
+            rlhfkit_dot_v1_dot_feedback__pb2.GetAnnotatorsRequest.SerializeToString,
+            rlhfkit_dot_v1_dot_feedback__pb2.AnnotatorReport.FromString,
             options,
             channel_credentials,
             insecure,

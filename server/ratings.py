@@ -13,6 +13,7 @@ both bad: FastChat counts "tie (bothbad)" as a tie too). Two ratings on the Elo 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,20 @@ ELO_K, ELO_BASE, ELO_SCALE, ELO_INIT = 4.0, 10.0, 400.0, 1000.0
 # A whisper of L2 on the log-strengths keeps the fit finite when a model never won
 # (FastChat's LogisticRegression has C=1e6 for the same reason); it moves ratings ~1e-4.
 BT_RIDGE = 1e-6
+
+
+# Style covariates (FastChat's style control): length in characters (no tokenizer needed to
+# rate, and the same for every model) and counts of markdown headers, list items and bold spans.
+STYLE_FEATURES = ("length", "headers", "lists", "bold")
+_HEADER = re.compile(r"^ {0,3}#{1,6}[ \t]", re.M)
+_LIST_ITEM = re.compile(r"^[ \t]*(?:[-*+]|\d{1,9}[.)])[ \t]", re.M)
+_BOLD = re.compile(r"\*\*(?=\S)[^\n]*?\S\*\*|__(?=\S)[^\n]*?\S__")
+
+
+def style_features(text: str) -> dict[str, int]:
+    """The style covariates of one response."""
+    return {"length": len(text), "headers": len(_HEADER.findall(text)), "lists": len(_LIST_ITEM.findall(text)),
+            "bold": len(_BOLD.findall(text))}
 
 
 def online_elo(battles: list[tuple[str, str, float]], k: float = ELO_K) -> dict[str, float]:

@@ -1,13 +1,28 @@
-"""Ratings from two-choice votes, as Chatbot Arena (FastChat) computes them.
+"""Ratings from two-choice votes, as Chatbot Arena (FastChat) computes them, with a prior.
 
 A battle is (model_a, model_b, score_a) with score_a 1 (a won), 0 (b won) or 0.5 (tie or
-both bad: FastChat counts "tie (bothbad)" as a tie too). Two ratings on the Elo scale:
+both bad: FastChat counts "tie (bothbad)" as a tie too). Ratings are on the Elo scale:
 
 - online Elo: one pass in vote order, K=4, base 10, scale 400, initial 1000. It depends on
   the order and drifts with K; kept because people know it.
-- Bradley-Terry: P(i beats j) = 1 / (1 + 10^((r_j - r_i) / 400)), fitted by maximum
-  likelihood over all battles at once (order-free), centred so the mean rating is 1000,
-  with a 95% interval from resampling the battles with replacement (bootstrap).
+- Bradley-Terry: P(i beats j) = 1 / (1 + 10^((r_j - r_i) / 400)), fitted over all battles at
+  once (order-free) with a Gaussian prior N(1000, prior_sd^2) on each rating: the maximum a
+  posteriori ratings, which are centred on 1000 by the prior itself. Maximum likelihood
+  alone diverges on separated data (a model that won every battle gets +infinity, which a
+  ridge of 1e-6 turns into ~2,400 Elo); the prior makes it finite and shrinks ratings with
+  few battles towards the mean. The 95% interval spans two: the posterior's (Laplace: the
+  MAP +- 1.96 sd from the inverse Hessian, after centring), which is finite on a perfect
+  record and shrinks as battles accumulate, and the bootstrap's (percentiles of refits on
+  resampled battles, FastChat's), which also sees what the model does not (annotators who
+  disagree more than Bradley-Terry predicts) but is zero-width on a perfect record.
+- Style control (FastChat, 2024): the same regression per battle with covariates for the
+  difference in length and markdown (each (a - b) / (a + b), standardized over the
+  battles), so a model is not rated up for writing longer or more formatted answers. The
+  covariates' coefficients are reported in Elo points per standard deviation.
+
+Server-chosen matchups draw the pair (a, b) with probability proportional to the posterior
+variance of r_a - r_b: pairs never compared (or compared least, relative to how close they
+are) come up most, and every pair keeps some chance.
 """
 
 from __future__ import annotations
@@ -15,14 +30,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
 ELO_K, ELO_BASE, ELO_SCALE, ELO_INIT = 4.0, 10.0, 400.0, 1000.0
-# A whisper of L2 on the log-strengths keeps the fit finite when a model never won
-# (FastChat's LogisticRegression has C=1e6 for the same reason); it moves ratings ~1e-4.
+ELO_PER_NAT = ELO_SCALE / math.log(ELO_BASE)  # 173.7: Elo points per unit of natural-log strength
+PRIOR_SD = 200.0  # Elo: before any vote, 95% of models within +-400 of the mean (win odds 1:10..10:1)
+Z95 = 1.959963984540054
+# Maximum likelihood (prior_sd None) keeps a whisper of L2 so a model that never won stays
+# finite (FastChat's LogisticRegression has C=1e6 for the same reason).
 BT_RIDGE = 1e-6
-
 
 # Style covariates (FastChat's style control): length in characters (no tokenizer needed to
 # rate, and the same for every model) and counts of markdown headers, list items and bold spans.
@@ -48,23 +66,73 @@ def online_elo(battles: list[tuple[str, str, float]], k: float = ELO_K) -> dict[
     return rating
 
 
-def bradley_terry(wins: np.ndarray, iters: int = 100) -> np.ndarray:
-    """Ratings from wins[i, j] = (possibly fractional) wins of i over j, by Newton's method
-    on the log-likelihood in natural-log strengths, then mapped to the Elo scale."""
-    m = wins.shape[0]
-    games = wins + wins.T
-    theta = np.zeros(m)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(theta[None, :] - theta[:, None]))  # p[i, j] = P(i beats j)
-        grad = wins.sum(1) - (games * p).sum(1) - BT_RIDGE * theta
-        w = games * p * p.T
-        hess = np.diag(w.sum(1) + BT_RIDGE) - w  # negative Hessian, positive definite with the ridge
-        step = np.linalg.solve(hess, grad)
-        theta += step
+def fit_logistic(X: np.ndarray, y: np.ndarray, weight: np.ndarray, precision: np.ndarray,
+                 beta: np.ndarray | None = None, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum a posteriori of P(y = 1) = sigmoid(X @ beta) with y in [0, 1] (ties 0.5), rows
+    weighted, and a N(0, 1/precision) prior on each coefficient, by Newton's method. Returns
+    beta and the negative Hessian of the log-posterior there (the Laplace precision)."""
+    beta = np.zeros(X.shape[1]) if beta is None else beta.copy()
+    for _ in range(iters + 1):
+        p = 0.5 * (1 + np.tanh(0.5 * (X @ beta)))  # sigmoid without overflow
+        hess = (X * (weight * p * (1 - p))[:, None]).T @ X + np.diag(precision)
+        step = np.linalg.solve(hess, X.T @ (weight * (y - p)) - precision * beta)
         if np.abs(step).max() < 1e-10:
             break
-    theta -= theta.mean()
-    return ELO_INIT + ELO_SCALE / math.log(ELO_BASE) * theta
+        beta += step
+    return beta, hess
+
+
+def pair_rows(wins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The win matrix (wins[i, j]: wins of i over j, ties counting half) as logistic rows:
+    one per pair that met, +1 for i and -1 for j, y = i's share, weight = games."""
+    games = wins + wins.T
+    i, j = np.nonzero(np.triu(games, 1))
+    X = np.zeros((len(i), wins.shape[0]))
+    X[np.arange(len(i)), i], X[np.arange(len(i)), j] = 1.0, -1.0
+    return X, wins[i, j] / games[i, j], games[i, j]
+
+
+def _precision(m: int, prior_sd: float | None) -> np.ndarray:
+    return np.full(m, BT_RIDGE if prior_sd is None else (ELO_PER_NAT / prior_sd) ** 2)
+
+
+def _centred(theta: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elo ratings centred on 1000 and their posterior sd, from log-strengths theta whose
+    posterior precision is hess (the covariance of theta - mean(theta) is P H^-1 P)."""
+    m = len(theta)
+    centre = np.eye(m) - 1.0 / m
+    cov = centre @ np.linalg.inv(hess) @ centre
+    return ELO_INIT + ELO_PER_NAT * (theta - theta.mean()), ELO_PER_NAT * np.sqrt(np.clip(np.diag(cov), 0, None))
+
+
+def bradley_terry(wins: np.ndarray, prior_sd: float | None = None) -> np.ndarray:
+    """Ratings (Elo scale, centred on 1000) from wins[i, j] = (possibly fractional) wins of i
+    over j: maximum likelihood, or the MAP under a N(1000, prior_sd^2) prior per model."""
+    X, y, w = pair_rows(wins)
+    theta, hess = fit_logistic(X, y, w, _precision(wins.shape[0], prior_sd))
+    return _centred(theta, hess)[0]
+
+
+def matchup_weights(votes: list[tuple[str, str, str]], candidates: list[str],
+                    prior_sd: float = PRIOR_SD) -> dict[tuple[str, str], float]:
+    """For every pair of candidates, the posterior variance (Elo^2) of their rating
+    difference given the votes: how uncertain the pair's order is. Models that are not
+    candidates (retired) still inform the fit."""
+    battles = _battles(votes)
+    models = sorted({x for a, b, *_ in battles for x in (a, b)} | set(candidates))
+    index = {name: i for i, name in enumerate(models)}
+    X, y, w = pair_rows(_wins(battles, index))
+    _, hess = fit_logistic(X, y, w, _precision(len(models), prior_sd))
+    cov = np.linalg.inv(hess) * ELO_PER_NAT ** 2
+    return {(a, b): float(cov[index[a], index[a]] + cov[index[b], index[b]] - 2 * cov[index[a], index[b]])
+            for a, b in combinations(sorted(set(candidates)), 2)}
+
+
+def draw_matchup(weights: dict[tuple[str, str], float], rng: np.random.Generator) -> tuple[str, str]:
+    """A pair drawn with probability proportional to its weight (matchup_weights)."""
+    pairs = list(weights)
+    p = np.array([weights[k] for k in pairs])
+    return pairs[rng.choice(len(pairs), p=p / p.sum())]
 
 
 @dataclass
@@ -79,6 +147,17 @@ class Rating:
     losses: int
     ties: int
     both_bad: int
+    style_controlled: float = math.nan  # NaN when the responses were not given
+    style_lower: float = math.nan
+    style_upper: float = math.nan
+
+
+@dataclass
+class StyleEffect:
+    feature: str
+    elo_per_sd: float
+    lower: float
+    upper: float
 
 
 @dataclass
@@ -88,21 +167,41 @@ class Ratings:
     win_rates: np.ndarray  # [i, j]: (wins + ties/2) / battles of models[i] vs models[j]; NaN if none
     battles: np.ndarray  # [i, j]: battles between models[i] and models[j]
     num_battles: int
+    prior_sd: float
+    style: list[StyleEffect]  # the style covariates that varied, empty without responses
 
 
-def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: int = 0) -> Ratings:
+SCORE = {"left": 1.0, "right": 0.0}  # tie and both_bad: 0.5
+
+
+def _battles(votes, responses=None) -> list[tuple]:
+    """(a, b, score_a, choice, responses) of the votes between two different models."""
+    responses = responses or [None] * len(votes)
+    return [(a, b, SCORE.get(c, 0.5), c, r) for (a, b, c), r in zip(votes, responses, strict=True) if a != b]
+
+
+def _wins(battles, index) -> np.ndarray:
+    wins = np.zeros((len(index), len(index)))
+    for a, b, s, *_ in battles:
+        wins[index[a], index[b]] += s
+        wins[index[b], index[a]] += 1 - s
+    return wins
+
+
+def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: int = 0,
+         prior_sd: float = PRIOR_SD, responses: list[tuple[str, str]] | None = None) -> Ratings:
     """votes: (left_model, right_model, choice) in vote order, choice one of left, right,
-    tie, both_bad. A vote between a model and itself is not a battle."""
-    battles = [(a, b, {"left": 1.0, "right": 0.0}.get(c, 0.5), c) for a, b, c in votes if a != b]
-    models = sorted({x for a, b, _, _ in battles for x in (a, b)})
+    tie, both_bad; responses: the (left, right) texts of each vote, for style control. A vote
+    between a model and itself is not a battle."""
+    if not prior_sd > 0:
+        raise ValueError(f"prior_sd must be > 0 Elo points, got {prior_sd}")
+    battles = _battles(votes, responses)
+    models = sorted({x for a, b, *_ in battles for x in (a, b)})
     index = {name: i for i, name in enumerate(models)}
     m = len(models)
-    wins = np.zeros((m, m))
+    wins = _wins(battles, index)
     counts = {name: dict(wins=0, losses=0, ties=0, both_bad=0) for name in models}
-    for a, b, s, choice in battles:
-        i, j = index[a], index[b]
-        wins[i, j] += s
-        wins[j, i] += 1 - s
+    for a, b, _, choice, _ in battles:
         if choice == "left":
             counts[a]["wins"] += 1
             counts[b]["losses"] += 1
@@ -115,36 +214,94 @@ def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: i
     games = wins + wins.T
     with np.errstate(invalid="ignore", divide="ignore"):
         win_rates = np.where(games > 0, wins / games, np.nan)
-    elo = online_elo([(a, b, s) for a, b, s, _ in battles])
-    bt = bradley_terry(wins) if m else np.zeros(0)
-    lower, upper = _bootstrap(battles, index, bootstrap_rounds, seed) if m else (bt, bt)
-    ratings = [Rating(name, elo[name], float(bt[i]), float(lower[i]), float(upper[i]), int(games[i].sum()),
-                      **counts[name]) for i, name in enumerate(models)]
+    elo = online_elo([(a, b, s) for a, b, s, *_ in battles])
+    rng = np.random.default_rng(seed)
+    bt, lower, upper = _plain_fit(battles, index, prior_sd, bootstrap_rounds, rng)
+    style_fit = _style_fit(battles, index, prior_sd, bootstrap_rounds, rng) if responses is not None and m else None
+    ratings = []
+    for i, name in enumerate(models):
+        r = Rating(name, elo[name], float(bt[i]), float(lower[i]), float(upper[i]), int(games[i].sum()), **counts[name])
+        if style_fit is not None:
+            r.style_controlled, r.style_lower, r.style_upper = (float(x[i]) for x in style_fit[0])
+        ratings.append(r)
     ratings.sort(key=lambda r: -r.bradley_terry)
-    return Ratings(ratings, models, win_rates, games.astype(int), len(battles))
+    return Ratings(ratings, models, win_rates, games.astype(int), len(battles), prior_sd,
+                   style_fit[1] if style_fit is not None else [])
 
 
-def _bootstrap(battles, index, rounds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """2.5 and 97.5 percentiles of the BT ratings over `rounds` resamples of the battles.
-    Resampling N battles with replacement = multinomial counts over the distinct
-    (pair, outcome) cells, so each round costs one small fit whatever N is."""
+def _interval(estimate, sd, samples) -> tuple[np.ndarray, np.ndarray]:
+    """The wider of the Laplace interval (estimate +- 1.96 sd) and the bootstrap percentiles."""
+    lower, upper = estimate - Z95 * sd, estimate + Z95 * sd
+    if len(samples):
+        lower = np.minimum(lower, np.percentile(samples, 2.5, axis=0))
+        upper = np.maximum(upper, np.percentile(samples, 97.5, axis=0))
+    return lower, upper
+
+
+def _plain_fit(battles, index, prior_sd, rounds, rng):
+    """MAP ratings and their 95% intervals. Resampling N battles with replacement is a
+    multinomial over the distinct (pair, outcome) cells, so a round costs one small fit
+    whatever N is."""
     m = len(index)
+    if not m:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    precision = _precision(m, prior_sd)
+    X, y, w = pair_rows(_wins(battles, index))
+    theta, hess = fit_logistic(X, y, w, precision)
+    ratings, sd = _centred(theta, hess)
     cells: dict[tuple[int, int, float], int] = {}
-    for a, b, s, _ in battles:
+    for a, b, s, *_ in battles:
         key = (index[a], index[b], s)
         cells[key] = cells.get(key, 0) + 1
     keys = list(cells)
-    n = len(battles)
-    probs = np.array([cells[k] for k in keys], dtype=float) / n
-    ii = np.array([k[0] for k in keys])
-    jj = np.array([k[1] for k in keys])
-    ss = np.array([k[2] for k in keys])
-    rng = np.random.default_rng(seed)
+    Xc = np.zeros((len(keys), m))
+    for r, (i, j, _) in enumerate(keys):
+        Xc[r, i], Xc[r, j] = 1.0, -1.0
+    yc = np.array([k[2] for k in keys])
+    probs = np.array([cells[k] for k in keys], dtype=float) / len(battles)
     samples = np.empty((rounds, m))
     for r in range(rounds):
-        c = rng.multinomial(n, probs)
-        wins = np.zeros((m, m))
-        np.add.at(wins, (ii, jj), c * ss)
-        np.add.at(wins, (jj, ii), c * (1 - ss))
-        samples[r] = bradley_terry(wins)
-    return np.percentile(samples, 2.5, axis=0), np.percentile(samples, 97.5, axis=0)
+        beta, _ = fit_logistic(Xc, yc, rng.multinomial(len(battles), probs).astype(float), precision, theta)
+        samples[r] = ELO_INIT + ELO_PER_NAT * (beta - beta.mean())
+    return (ratings, *_interval(ratings, sd, samples))
+
+
+def style_covariates(responses: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
+    """Per battle, each style feature's (left - right) / (left + right) (0 when both are 0),
+    standardized over the battles; features that do not vary are left out."""
+    left = np.array([[style_features(a)[f] for f in STYLE_FEATURES] for a, _ in responses], dtype=float)
+    right = np.array([[style_features(b)[f] for f in STYLE_FEATURES] for _, b in responses], dtype=float)
+    total = left + right
+    diff = np.divide(left - right, total, out=np.zeros_like(total), where=total > 0)
+    sd = diff.std(0)
+    keep = sd > 1e-12
+    return [f for f, k in zip(STYLE_FEATURES, keep) if k], (diff[:, keep] - diff[:, keep].mean(0)) / sd[keep]
+
+
+def _style_fit(battles, index, prior_sd, rounds, rng):
+    """Per-battle regression on [model +-1 columns | style covariates]; ratings and their
+    intervals, and each covariate's effect in Elo per sd. The bootstrap reweights battles."""
+    m, n = len(index), len(battles)
+    features, Z = style_covariates([r for *_, r in battles])
+    X = np.zeros((n, m + len(features)))
+    X[np.arange(n), [index[a] for a, *_ in battles]] = 1.0
+    X[np.arange(n), [index[b] for _, b, *_ in battles]] = -1.0
+    X[:, m:] = Z
+    y = np.array([s for _, _, s, *_ in battles])
+    precision = _precision(m + len(features), prior_sd)
+    beta, hess = fit_logistic(X, y, np.ones(n), precision)
+    cov = np.linalg.inv(hess)
+    theta = beta[:m]
+    centre = np.eye(m) - 1.0 / m
+    ratings = ELO_INIT + ELO_PER_NAT * (theta - theta.mean())
+    sd = ELO_PER_NAT * np.sqrt(np.clip(np.diag(centre @ cov[:m, :m] @ centre), 0, None))
+    coef, coef_sd = ELO_PER_NAT * beta[m:], ELO_PER_NAT * np.sqrt(np.diag(cov)[m:])
+    samples = np.empty((rounds, m + len(features)))
+    for r in range(rounds):
+        b, _ = fit_logistic(X, y, rng.multinomial(n, np.full(n, 1.0 / n)).astype(float), precision, beta)
+        samples[r] = ELO_PER_NAT * np.concatenate([b[:m] - b[:m].mean(), b[m:]]) + np.r_[np.full(m, ELO_INIT),
+                                                                                         np.zeros(len(features))]
+    lower, upper = _interval(ratings, sd, samples[:, :m])
+    c_lower, c_upper = _interval(coef, coef_sd, samples[:, m:])
+    effects = [StyleEffect(f, float(coef[k]), float(c_lower[k]), float(c_upper[k])) for k, f in enumerate(features)]
+    return (ratings, lower, upper), effects

@@ -10,7 +10,9 @@ One vote per (comparison, annotator) is a unique constraint, so two replicas rac
 same vote cannot both insert it.
 
 A comparison made from a conversation keeps it in `messages` (JSON text; NULL for a text
-prompt). Stores created before that column existed get it on open (migrate()).
+prompt); one made on a server with a reward model keeps both responses' rewards and which
+model scored them (left_reward, right_reward, reward_model; NULL otherwise). Stores created
+before those columns existed get them on open (migrate()).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from rlhfkit.errors import InvalidArgumentError
-from rlhfkit.server.errors import ConflictError, NotFoundError
+from rlhfkit.server import ratings
+from rlhfkit.server.errors import ConflictError, NotFoundError, QuotaExceededError
 
 CHOICES = ("left", "right", "tie", "both_bad")
 
@@ -85,7 +89,16 @@ comparisons = sa.Table(
     # The conversation the responses answer (then prompt is ""); NULL for a text prompt.
     # Added after the first release: migrate() adds it to older stores.
     sa.Column("messages", MessagesJSON, nullable=True),
+    # The served reward model's score of each response when the comparison was made, and that
+    # model's name@version (annotator agreement with the reward model); NULL without one.
+    # Added for issue #17: migrate() adds them to older stores.
+    sa.Column("left_reward", sa.Float, nullable=True),
+    sa.Column("right_reward", sa.Float, nullable=True),
+    sa.Column("reward_model", sa.Text, nullable=True),
 )
+# Columns added after the first release, in the order they were added.
+ADDED_COLUMNS = [(comparisons, comparisons.c[name]) for name in ("messages", "left_reward", "right_reward",
+                                                                 "reward_model")]
 votes = sa.Table(
     "rlhfkit_votes", metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # vote order (online Elo)
@@ -118,6 +131,16 @@ class Vote:
     comparison: dict  # the comparisons row: models revealed
 
 
+def utc_midnight(t: float) -> float:
+    """00:00 UTC of the day of Unix time t (Unix time has no leap seconds: days are 86400 s)."""
+    return t - t % 86400
+
+
+def utc_day(t: float) -> str:
+    """YYYY-MM-DD (UTC) of Unix time t."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
+
+
 def database_url(url: str) -> str:
     """SQLAlchemy URL with a driver: postgresql:// means psycopg 3 (psycopg2 is not a dependency)."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -141,10 +164,10 @@ def migrate(engine: sa.Engine):
     """Bring an existing store up to this schema: add the columns added since it was created
     (nullable, so old rows read as before). Safe when several replicas open one store at once:
     PostgreSQL adds IF NOT EXISTS; on SQLite a concurrent add shows as a duplicate column."""
-    for table, column in ((comparisons, comparisons.c.messages),):
+    for table, column in ADDED_COLUMNS:
         if column.name in _columns(engine, table.name):
             continue
-        ddl = column.type.impl.compile(dialect=engine.dialect)
+        ddl = column.type.compile(dialect=engine.dialect)  # a TypeDecorator compiles as its impl
         exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
         try:
             with engine.begin() as conn:
@@ -188,16 +211,20 @@ class FeedbackStore:
             self._engine = None
 
     def add_comparison(self, prompt: str, source: str, left: tuple[str, str, str], right: tuple[str, str, str],
-                       sampling_json: str = "{}", messages: list[dict] | None = None) -> str:
+                       sampling_json: str = "{}", messages: list[dict] | None = None,
+                       rewards: tuple[float, float] | None = None, reward_model: str | None = None) -> str:
         """left/right: (model name, model version, response); messages: the conversation the
-        responses answer (prompt "" then), or None. Returns the comparison id."""
+        responses answer (prompt "" then), or None; rewards: the (left, right) scores of
+        reward_model (name@version), or None. Returns the comparison id."""
         comparison_id = uuid.uuid4().hex
+        left_reward, right_reward = rewards if rewards is not None else (None, None)
         with self.engine.begin() as conn:
             conn.execute(comparisons.insert().values(
                 comparison_id=comparison_id, created_at=time.time(), prompt=prompt, source=source,
                 left_model=left[0], left_model_version=left[1], left_response=left[2],
                 right_model=right[0], right_model_version=right[1], right_response=right[2],
-                sampling=sampling_json, messages=messages or None))
+                sampling=sampling_json, messages=messages or None, left_reward=left_reward,
+                right_reward=right_reward, reward_model=reward_model))
         return comparison_id
 
     def get_comparison(self, comparison_id: str, conn=None) -> dict:
@@ -215,7 +242,13 @@ class FeedbackStore:
     def add_vote(self, comparison_id: str, choice: str, annotator_id: str, rationale: str | None = None,
                  max_per_day: int = 0) -> Vote:
         """Record a vote; returns once it is committed. The same vote again returns the
-        recorded one; a different one by the same annotator raises VoteConflictError."""
+        recorded one (even over the cap: a retry of an acknowledged vote is not a new vote); a
+        different one by the same annotator raises VoteConflictError. max_per_day > 0: an
+        annotator with that many votes since 00:00 UTC gets QuotaExceededError.
+
+        The cap is counted inside the vote's transaction but nothing locks across replicas:
+        replicas racing on one annotator's votes can overshoot it by the number of concurrent
+        votes, which is acceptable for a daily cap (and no vote is lost or doubled)."""
         if choice not in CHOICES:
             raise InvalidArgumentError("choice", f"must be one of {', '.join(CHOICES)}, got {choice!r}")
         if not annotator_id:
@@ -223,23 +256,39 @@ class FeedbackStore:
         if not comparison_id:
             raise InvalidArgumentError("comparison_id", "is empty")
         vote_id = uuid.uuid4().hex
+        mine = (votes.c.comparison_id == comparison_id, votes.c.annotator_id == annotator_id)
         try:
             with self.engine.begin() as conn:
                 comparison = self.get_comparison(comparison_id, conn)
-                conn.execute(votes.insert().values(vote_id=vote_id, comparison_id=comparison_id,
-                                                   annotator_id=annotator_id, choice=choice, rationale=rationale,
-                                                   created_at=time.time()))
-            return Vote(vote_id, comparison_id, annotator_id, choice, rationale, False, comparison)
-        except sa.exc.IntegrityError:
-            pass  # this annotator already voted here (perhaps on another replica, just now)
-        with self.engine.connect() as conn:
-            comparison = self.get_comparison(comparison_id, conn)
-            old = conn.execute(votes.select().where(votes.c.comparison_id == comparison_id,
-                                                    votes.c.annotator_id == annotator_id)).mappings().one()
+                old = conn.execute(votes.select().where(*mine)).mappings().first()
+                if old is None:
+                    now = time.time()
+                    if max_per_day > 0:
+                        self._check_quota(conn, annotator_id, max_per_day, now)
+                    conn.execute(votes.insert().values(vote_id=vote_id, comparison_id=comparison_id,
+                                                       annotator_id=annotator_id, choice=choice,
+                                                       rationale=rationale, created_at=now))
+                    return Vote(vote_id, comparison_id, annotator_id, choice, rationale, False, comparison)
+        except sa.exc.IntegrityError:  # this annotator voted here just now (perhaps on another replica)
+            with self.engine.connect() as conn:
+                comparison = self.get_comparison(comparison_id, conn)
+                old = conn.execute(votes.select().where(*mine)).mappings().one()
         if (old["choice"], old["rationale"]) != (choice, rationale):
             raise VoteConflictError(f"annotator {annotator_id!r} already voted {old['choice']!r} on comparison "
                                     f"{comparison_id!r} (vote {old['vote_id']}); a vote cannot be changed")
         return Vote(old["vote_id"], comparison_id, annotator_id, choice, rationale, True, comparison)
+
+    @staticmethod
+    def _check_quota(conn, annotator_id: str, max_per_day: int, now: float):
+        midnight = utc_midnight(now)
+        today = conn.execute(sa.select(sa.func.count()).select_from(votes).where(
+            votes.c.annotator_id == annotator_id, votes.c.created_at >= midnight)).scalar()
+        if today >= max_per_day:
+            left = midnight + 86400 - now
+            raise QuotaExceededError(
+                f"annotator {annotator_id!r} has cast {today} votes today, the most "
+                f"--max-votes-per-annotator-per-day {max_per_day} allows; the count resets at 00:00 UTC "
+                f"(in {int(left // 3600)}h{int(left % 3600 // 60):02d}m)")
 
     def battles(self) -> list[tuple[str, str, str]]:
         """(left model, right model, choice) of every vote, in vote order."""
@@ -264,14 +313,16 @@ class FeedbackStore:
         return None if row is None else (row.messages or row.prompt)
 
 
-def export_records(rows: list[dict], fmt: str) -> list[dict]:
+def export_records(rows: list[dict], fmt: str, style_features: bool = False) -> list[dict]:
     """Training records from voted comparisons. trl: {"prompt", "chosen", "rejected"} (TRL /
     HH-RLHF); rankings: {"prompt", "responses": [best, worst]}. A comparison made from a
     conversation is written in TRL's conversational form: the prompt is its messages and
     each response one assistant message (chosen: [{"role": "assistant", "content": ...}],
     responses: [[best message], [worst message]]). Ties and both-bad votes say nothing about
     which response is better and are left out; every record keeps the vote, comparison and
-    annotator ids and the models, so it can be traced back."""
+    annotator ids and the models, so it can be traced back. style_features: each record also
+    gets the style covariates of its responses (ratings.style_features: length, headers,
+    lists, bold), as chosen_style / rejected_style (trl) or responses_style (rankings)."""
     if fmt not in ("trl", "rankings"):
         raise ValueError(f"format must be trl or rankings, got {fmt!r}")
     records = []
@@ -290,5 +341,11 @@ def export_records(rows: list[dict], fmt: str) -> list[dict]:
             record["responses"] = [chosen, rejected]
         record.update(vote_id=r["vote_id"], comparison_id=r["comparison_id"], annotator_id=r["annotator_id"],
                       chosen_model=r[f"{win}_model_version"], rejected_model=r[f"{lose}_model_version"])
+        if style_features:
+            styles = [ratings.style_features(r[f"{side}_response"]) for side in (win, lose)]
+            if fmt == "trl":
+                record.update(chosen_style=styles[0], rejected_style=styles[1])
+            else:
+                record["responses_style"] = styles
         records.append(record)
     return records

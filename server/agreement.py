@@ -9,15 +9,23 @@ choices (left, right, tie, both_bad) compare directly.
   needs that): the items x categories count table.
 - Each annotator's agreement with the majority of the *other* annotators of each comparison
   (comparisons with a strict majority among the others only).
+- Each annotator's agreement with the reward model that scored both responses when the
+  comparison was made (left/right votes on comparisons whose two rewards differ).
+
+annotator_report() puts them together, with votes per day, as GetAnnotators' reply.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+
+from rlhfkit.server.feedback import utc_day, utc_midnight
+from rlhfkit.v1 import feedback_pb2 as fb_pb
 
 CHOICES = ("left", "right", "tie", "both_bad")
 
@@ -94,6 +102,68 @@ def agreement(votes: list[tuple[str, str, str]]) -> AnnotatorAgreement:
     return AnnotatorAgreement(pairwise, fleiss, with_majority)
 
 
+def reward_agreement(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """annotator -> (share of left/right votes picking the side the reward model scored
+    higher, votes counted), over comparisons with both rewards known and unequal (a tie in
+    reward, or a tie / both-bad vote, says nothing about which side the model preferred)."""
+    agree, counted = Counter(), Counter()
+    for r in rows:
+        left, right = r.get("left_reward"), r.get("right_reward")
+        if r["choice"] not in ("left", "right") or left is None or right is None or left == right:
+            continue
+        counted[r["annotator_id"]] += 1
+        agree[r["annotator_id"]] += r["choice"] == ("left" if left > right else "right")
+    return {a: (agree[a] / n, n) for a, n in counted.items()}
+
+
 def annotator_report(rows: list[dict], max_votes_per_day: int = 0, days: int = 14, now: float | None = None):
-    """The AnnotatorReport of voted comparisons (FeedbackStore.voted_comparisons rows)."""
-    raise NotImplementedError("annotator_report: being written (issue #17, item 4)")
+    """The AnnotatorReport (rlhfkit.v1) of voted comparisons (FeedbackStore.voted_comparisons
+    rows): votes in all, today and on each of the last `days` UTC days (today included; only
+    days with votes, oldest first), agreement with the majority of the others and with the
+    reward model, pairwise Cohen's kappa and Fleiss' kappa. `now`: Unix time (tests)."""
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    now = time.time() if now is None else now
+    today = utc_midnight(now)
+    since = today - (days - 1) * 86400
+    total, on_day, votes_today = Counter(), defaultdict(Counter), Counter()
+    for r in rows:
+        a, t = r["annotator_id"], r["voted_at"]
+        total[a] += 1
+        votes_today[a] += t >= today
+        if since <= t:
+            on_day[a][utc_day(t)] += 1
+    agreed = agreement([(r["comparison_id"], r["annotator_id"], r["choice"]) for r in rows])
+    with_reward = reward_agreement(rows)
+    report = fb_pb.AnnotatorReport(max_votes_per_annotator_per_day=max_votes_per_day, num_votes=len(rows))
+    for a in sorted(total, key=lambda a: (-total[a], a)):
+        s = report.annotators.add(annotator=a, votes=total[a], votes_today=votes_today[a],
+                                  daily=[fb_pb.DailyVotes(day=d, votes=n) for d, n in sorted(on_day[a].items())])
+        if a in agreed.with_majority:
+            s.agreement_with_majority, s.majority_comparisons = agreed.with_majority[a]
+        if a in with_reward:
+            s.agreement_with_reward_model, s.reward_comparisons = with_reward[a]
+    for (a, b), (kappa, shared) in agreed.pairwise.items():
+        report.pairs.add(annotator_a=a, annotator_b=b, shared_comparisons=shared, cohen_kappa=kappa)
+    if agreed.fleiss is not None:
+        report.fleiss_kappa, report.fleiss_comparisons, report.fleiss_raters = agreed.fleiss
+    return report
+
+
+def filter_by_agreement(rows: list[dict], min_agreement: float) -> tuple[list[dict], Counter, Counter]:
+    """The rows of annotators whose agreement with the majority of the others is at least
+    min_agreement, or who have no such measure (no comparison with a strict majority among
+    the others: nothing says they are bad). Returns (kept rows, votes dropped per annotator,
+    votes kept unmeasured per annotator)."""
+    with_majority = agreement([(r["comparison_id"], r["annotator_id"], r["choice"]) for r in rows]).with_majority
+    kept, dropped, unmeasured = [], Counter(), Counter()
+    for r in rows:
+        a = r["annotator_id"]
+        if a not in with_majority:
+            unmeasured[a] += 1
+            kept.append(r)
+        elif with_majority[a][0] < min_agreement:
+            dropped[a] += 1
+        else:
+            kept.append(r)
+    return kept, dropped, unmeasured

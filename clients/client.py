@@ -120,14 +120,23 @@ def log_probs_request(items: Iterable[tuple], model: str = "", reference_model: 
 def comparison_request(prompt: str | Messages | None = None, *, messages: Messages | None = None,
                        models: tuple[str, str] | None = None, samples_of: str | None = None,
                        **sampling) -> feedback_pb2.CreateComparisonRequest:
-    """Two models (`models=("ppo-1", "sft-1")`) or two samples of one (`samples_of="policy"`,
-    with temperature > 0) answering a prompt: text, or a conversation (a list of messages as
-    the prompt or as messages=); `sampling` takes generate_request's decoding keywords."""
-    if (models is None) == (samples_of is None):
-        raise ValueError("give models=(model_a, model_b) or samples_of=MODEL, one of them")
+    """A comparison of two responses to a prompt: text, or a conversation (a list of messages
+    as the prompt or as messages=). The responses come from two models (`models=("ppo-1",
+    "sft-1")`), two samples of one (`samples_of="policy"`, with temperature > 0), or, with
+    neither, a matchup the server chooses (blind: two of its arena models, decoded with its
+    --arena-sampling, so no sampling keywords then). `sampling` takes generate_request's
+    decoding keywords. On a server with tokens, choosing the models needs the admin role."""
+    if models is not None and samples_of is not None:
+        raise ValueError("give models=(model_a, model_b) or samples_of=MODEL (or neither: the server picks "
+                         "the matchup), not both")
     text, msgs = _prompt_and_messages(prompt, messages)
-    req = feedback_pb2.CreateComparisonRequest(prompt=text, messages=msgs,
-                                               sampling=generate_request("", **sampling).sampling)
+    req = feedback_pb2.CreateComparisonRequest(prompt=text, messages=msgs)
+    if models is None and samples_of is None:
+        if sampling:
+            raise ValueError(f"a server-chosen matchup is decoded with the server's --arena-sampling: drop "
+                             f"{', '.join(sorted(sampling))}, or choose models= / samples_of=")
+        return req
+    req.sampling.CopyFrom(generate_request("", **sampling).sampling)
     if models is not None:
         req.models.model_a, req.models.model_b = models
     else:
@@ -146,10 +155,15 @@ def vote_request(comparison_id: str, choice: str | int, annotator_id: str,
     return req
 
 
-def leaderboard_request(bootstrap_rounds: int = 0, seed: int | None = None) -> feedback_pb2.GetLeaderboardRequest:
+def leaderboard_request(bootstrap_rounds: int = 0, seed: int | None = None,
+                        prior_sd: float | None = None) -> feedback_pb2.GetLeaderboardRequest:
+    """bootstrap_rounds 0: the server's default (100); prior_sd: the Gaussian prior's standard
+    deviation in Elo points (None: the server's default, 200)."""
     req = feedback_pb2.GetLeaderboardRequest(bootstrap_rounds=bootstrap_rounds)
     if seed is not None:
         req.seed = seed
+    if prior_sd is not None:
+        req.prior_sd = prior_sd
     return req
 
 
@@ -322,7 +336,8 @@ class Client(_Stubs):
 
     def create_comparison(self, prompt: str | Messages | None = None, *, timeout: float | None = None,
                           **kwargs) -> feedback_pb2.Comparison:
-        """kwargs: comparison_request's (messages=, models= or samples_of=, sampling keywords)."""
+        """kwargs: comparison_request's (messages=, models= or samples_of= and sampling keywords;
+        neither: the server chooses the matchup)."""
         return self.feedback.CreateComparison(comparison_request(prompt, **kwargs), timeout=timeout or self.timeout)
 
     def submit_vote(self, comparison_id: str, choice: str | int, annotator_id: str, rationale: str | None = None,
@@ -330,9 +345,16 @@ class Client(_Stubs):
         return self.feedback.SubmitVote(vote_request(comparison_id, choice, annotator_id, rationale),
                                         timeout=timeout or self.timeout)
 
-    def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None,
-                    timeout: float | None = None) -> feedback_pb2.Leaderboard:
-        return self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed), timeout=timeout or self.timeout)
+    def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None, timeout: float | None = None, *,
+                    prior_sd: float | None = None) -> feedback_pb2.Leaderboard:
+        return self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed, prior_sd),
+                                            timeout=timeout or self.timeout)
+
+    def annotators(self, days: int = 0, timeout: float | None = None) -> feedback_pb2.AnnotatorReport:
+        """Votes per annotator (in all, today, per day over the last `days` UTC days; 0: 14) and
+        their agreement (admin role)."""
+        return self.feedback.GetAnnotators(feedback_pb2.GetAnnotatorsRequest(days=days),
+                                           timeout=timeout or self.timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the server (or one service)."""
@@ -415,10 +437,14 @@ class AsyncClient(_Stubs):
         return await self.feedback.SubmitVote(vote_request(comparison_id, choice, annotator_id, rationale),
                                               timeout=timeout or self.timeout)
 
-    async def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None,
-                          timeout: float | None = None) -> feedback_pb2.Leaderboard:
-        return await self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed),
+    async def leaderboard(self, bootstrap_rounds: int = 0, seed: int | None = None, timeout: float | None = None,
+                          *, prior_sd: float | None = None) -> feedback_pb2.Leaderboard:
+        return await self.feedback.GetLeaderboard(leaderboard_request(bootstrap_rounds, seed, prior_sd),
                                                   timeout=timeout or self.timeout)
+
+    async def annotators(self, days: int = 0, timeout: float | None = None) -> feedback_pb2.AnnotatorReport:
+        return await self.feedback.GetAnnotators(feedback_pb2.GetAnnotatorsRequest(days=days),
+                                                 timeout=timeout or self.timeout)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)

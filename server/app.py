@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from rlhfkit.chat import ChatFormatError, as_messages
+from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.clients.client import read_pem
 from rlhfkit.dataclass_cli import add_dataclass_arguments, dataclass_from_args
 from rlhfkit.hf import resolve_model
@@ -37,7 +39,7 @@ from rlhfkit.server.limits import RequestLimits
 from rlhfkit.server.metrics import ServerMetrics
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.store import CheckpointRef, ModelStore, read_checkpoint
-from rlhfkit.server.service import GenerationService, ModelsService, RewardService, ServerState
+from rlhfkit.server.service import GenerationService, ModelsService, RewardService, ServerState, sampling_from_proto
 from rlhfkit.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rlhfkit.v1 import feedback_pb2, feedback_pb2_grpc
 
@@ -136,9 +138,27 @@ class ServeConfig(RequestLimits):
             raise ValueError(f"--host {self.host} is reachable from other machines, and without --auth-tokens anyone "
                              "there could change the served model and vote as anyone: give --auth-tokens FILE "
                              "(rlhfkit tokens add makes one), or --insecure-open to serve it open anyway")
+        if self.max_votes_per_annotator_per_day < 0:
+            raise ValueError(f"max_votes_per_annotator_per_day must be >= 0 (0: no cap), got {self.max_votes_per_annotator_per_day}")
+        self.arena_sampling_params()  # a bad --arena-sampling fails at start, not at the first matchup
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ValueError(f"allowed_origins: {origin!r} is not an origin (scheme://host[:port])")
+
+    def arena_sampling_params(self) -> generation_pb2.SamplingParams:
+        """--arena-sampling as SamplingParams, checked like a request's (n must be 1)."""
+        try:
+            params = json_format.Parse(self.arena_sampling, generation_pb2.SamplingParams())
+        except json_format.ParseError as e:
+            raise ValueError(f"arena_sampling: not SamplingParams JSON ({e}); e.g. "
+                             '\'{"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 256}\'') from None
+        if params.n > 1:
+            raise ValueError(f"arena_sampling: n must be unset or 1 (one response per side), got {params.n}")
+        try:
+            sampling_from_proto(params)  # SamplingParams validates every field
+        except InvalidArgumentError as e:
+            raise ValueError(f"arena_sampling: {e}") from None
+        return params
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials of --tls-cert/--tls-key (and --tls-client-ca), None for plaintext."""
@@ -199,7 +219,8 @@ class RlhfkitServer:
         self.state = ServerState(registry, self.metrics, self.store, on_store_change=self.refresh, limits=config)
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None
         self.feedback_store = FeedbackStore(config.feedback_db)
-        self.feedback = FeedbackService(self.state, self.feedback_store, config.max_votes_per_annotator_per_day)
+        self.feedback = FeedbackService(self.state, self.feedback_store, config.max_votes_per_annotator_per_day,
+                                        config.arena_models, config.arena_sampling_params())
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

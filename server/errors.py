@@ -42,6 +42,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
 
 
+class NotEnoughModelsError(RuntimeError):
+    """A server-chosen matchup needs two served policies and the server has fewer."""
+
+
 class QuotaExceededError(RuntimeError):
     """The caller used up a quota of the server's (an annotator's votes for the day)."""
 
@@ -74,6 +78,7 @@ STATUS_TABLE = [
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (StoreError, grpc.StatusCode.INVALID_ARGUMENT),
     (StoreUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotEnoughModelsError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ALREADY_EXISTS),

@@ -1,4 +1,11 @@
-"""The Feedback servicer: A/B comparisons, votes, leaderboard.
+"""The Feedback servicer: A/B comparisons, votes, leaderboard, annotators.
+
+A comparison's two responses come from two models the caller names (admins), two samples
+of one model, or (no source given: the labeling page's default) a pair the server draws
+from its arena models with ratings.matchup_weights, decoded with the operator's
+--arena-sampling, so the annotator learns nothing about who answered until the vote.
+When a reward model is served, both responses are scored as the comparison is made, so
+annotators can be compared with it later (GetAnnotators).
 
 Responses come from the served engines through GenerationService's own submit/collect
 path, so a comparison is decoded (and validated, queued, cancelled) exactly like a
@@ -12,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import secrets
+
+import numpy as np
 
 from google.protobuf.json_format import MessageToJson
 
@@ -20,11 +30,11 @@ from rlhfkit.chat import as_messages
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
 from rlhfkit.server.agreement import annotator_report
-from rlhfkit.server.auth import NO_CALLER, caller
-from rlhfkit.server.errors import LimitExceededError, PermissionDeniedError
+from rlhfkit.server.auth import NO_CALLER, caller, is_admin
+from rlhfkit.server.errors import (REQUEST_ERRORS, LimitExceededError, NotEnoughModelsError, PermissionDeniedError)
 from rlhfkit.server.feedback import FeedbackStore
-from rlhfkit.server.ratings import rate
-from rlhfkit.server.service import GenerationService, ServerState
+from rlhfkit.server.ratings import PRIOR_SD, draw_matchup, matchup_weights, rate
+from rlhfkit.server.service import GenerationService, RewardService, ServerState
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 from rlhfkit.v1 import feedback_pb2_grpc as fb_grpc
 from rlhfkit.v1 import generation_pb2 as gen_pb
@@ -32,14 +42,21 @@ from rlhfkit.v1 import generation_pb2 as gen_pb
 CHOICE_NAMES = {fb_pb.CHOICE_LEFT: "left", fb_pb.CHOICE_RIGHT: "right", fb_pb.CHOICE_TIE: "tie",
                 fb_pb.CHOICE_BOTH_BAD: "both_bad"}
 CHOICE_OF = {v: k for k, v in CHOICE_NAMES.items()}
+DEFAULT_ARENA_SAMPLING = gen_pb.SamplingParams(temperature=0.7, max_new_tokens=256)
+log = logging.getLogger(__name__)
 
 
 class FeedbackService(fb_grpc.FeedbackServicer):
-    def __init__(self, state: ServerState, store: FeedbackStore, max_votes_per_day: int = 0):
+    def __init__(self, state: ServerState, store: FeedbackStore, max_votes_per_day: int = 0,
+                 arena_models: list[str] = (), arena_sampling: gen_pb.SamplingParams = DEFAULT_ARENA_SAMPLING):
         self.state = state
         self.store = store
         self.max_votes_per_day = max_votes_per_day  # per annotator per UTC day; 0: no cap
+        self.arena_models = list(arena_models)  # names or roles; empty: every served policy
+        self.arena_sampling = arena_sampling
+        self.rng = np.random.default_rng(secrets.randbits(64))  # matchups: nobody can predict the next pair
         self.generation = GenerationService(state)
+        self.reward = RewardService(state)
         # Bootstrapped ratings take seconds of CPU: one at a time, and never in the pool the
         # store's writes (votes) go through.
         self.ratings_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-ratings")
@@ -48,14 +65,21 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         """Store calls block (disk, network): off the event loop, in the default pool."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def _submit(self, model: str, request: fb_pb.CreateComparisonRequest, n: int):
+    async def _submit(self, model: str, request: fb_pb.CreateComparisonRequest, n: int,
+                      sampling: gen_pb.SamplingParams):
         """Validate and enqueue n completions of one model for the comparison's prompt (text or
         messages, rendered with that model's chat template exactly as Generate renders them)."""
         s = gen_pb.SamplingParams()
-        s.CopyFrom(request.sampling)
+        s.CopyFrom(sampling)
         s.n = n
-        return await self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=request.prompt,
-                                                                   messages=request.messages, sampling=s))
+        try:
+            return await self.generation.submit(gen_pb.GenerateRequest(model=model, prompt=request.prompt,
+                                                                       messages=request.messages, sampling=s))
+        except InvalidArgumentError as e:
+            if sampling is not self.arena_sampling or e.field == "prompt" or e.field.startswith("messages"):
+                raise
+            # The annotator did not send these parameters: the prompt is what does not fit them.
+            raise InvalidArgumentError("prompt", f"does not fit this server's --arena-sampling: {e}") from None
 
     async def _collect(self, submitted, n: int):
         """The n completions of a submitted request: [(name, name@version, text)]."""
@@ -80,18 +104,26 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             raise InvalidArgumentError("sampling.n", f"a comparison has one response per side: leave n unset or 1, "
                                        f"got {request.sampling.n}")
         source = request.WhichOneof("source")
-        if source is None:
-            raise InvalidArgumentError("source", "set models {model_a, model_b} (two models) or samples_of "
-                                       "(two samples of one model)")
+        if source is not None and not is_admin(caller.get()):
+            raise PermissionDeniedError(f"{source}: choosing what answers needs the admin role; leave models and "
+                                        "samples_of unset for a server-chosen (blind) matchup")
+        sampling = request.sampling
+        if source is None and request.HasField("sampling"):
+            raise InvalidArgumentError("sampling", "a server-chosen matchup decodes with the server's "
+                                       "--arena-sampling: leave sampling unset (or choose the models, as an admin)")
         self.state.check_ready()
-        if source == "models":
-            for model in (request.models.model_a, request.models.model_b):  # both known before decoding either
+        if source is None:
+            pair, sampling = await self._draw_pair(), self.arena_sampling
+        elif source == "models":
+            pair = (request.models.model_a, request.models.model_b)
+        if source != "samples_of":
+            for model in pair:  # both known before decoding either
                 self.state.registry.get(model, "policy")
             # Both validated and queued before either is awaited: a prompt one model refuses (no
             # chat template, too long for its context) must not leave the other decoding for nothing.
-            first = await self._submit(request.models.model_a, request, 1)
+            first = await self._submit(pair[0], request, 1, sampling)
             try:
-                second = await self._submit(request.models.model_b, request, 1)
+                second = await self._submit(pair[1], request, 1, sampling)
             except BaseException:  # a refusal, or the call cancelled while the second was tokenized
                 first[0].abort(first[1])
                 raise
@@ -101,15 +133,57 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             if request.sampling.temperature <= 0:
                 raise InvalidArgumentError("sampling.temperature", "two samples of one model need temperature > 0 "
                                            "(greedy decoding gives the same text twice)")
-            responses = await self._collect(await self._submit(request.samples_of, request, 2), 2)
+            responses = await self._collect(await self._submit(request.samples_of, request, 2, sampling), 2)
         if secrets.randbelow(2):  # sides at random: position must not tell the annotator who answered
             responses.reverse()
         left, right = responses
+        rewards, reward_model = await self._rewards(request, left[2], right[2])
+        source = source or "arena"  # stored and counted as models, samples_of or arena
         comparison_id = await self._db(self.store.add_comparison, request.prompt, source, left, right,
-                                       MessageToJson(request.sampling, indent=None), messages)
+                                       MessageToJson(sampling, indent=None), messages, rewards, reward_model)
         self.state.metrics.feedback_comparisons.labels(source).inc()
         return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
                                 messages=request.messages)
+
+    def _arena_candidates(self) -> list[str]:
+        """Names of the policies server-chosen matchups draw from (--arena-models resolved,
+        roles to the names they point at; else every served policy)."""
+        if self.arena_models:
+            names = set()
+            for name in self.arena_models:
+                try:
+                    names.add(self.state.registry.get(name, "policy").name)
+                except REQUEST_ERRORS as e:  # one arena model not (yet) served: the others still play
+                    log.warning("--arena-models %s: %s", name, e)
+        else:
+            models, _, _ = self.state.registry.snapshot()
+            names = {m.name for m in models.values() if m.kind == "policy"}
+        return sorted(names)
+
+    async def _draw_pair(self) -> tuple[str, str]:
+        """Two arena models, drawn with probability proportional to the posterior variance of
+        their rating difference (ratings.matchup_weights)."""
+        candidates = self._arena_candidates()
+        if len(candidates) < 2:
+            raise NotEnoughModelsError(f"a server-chosen matchup needs two served policies, and this server has "
+                                       f"{', '.join(candidates) or 'none'}: serve another (--store with two policy "
+                                       "checkpoints, or --arena-models) or choose the models (admin)")
+        votes = await self._db(self.store.battles)
+        weights = await asyncio.get_running_loop().run_in_executor(self.ratings_pool, matchup_weights, votes, candidates)
+        return draw_matchup(weights, self.rng)
+
+    async def _rewards(self, request, left: str, right: str) -> tuple[tuple[float, float] | None, str | None]:
+        """Both responses scored by the served reward model, if there is one (for annotator
+        quality); a response it cannot score (too long for it) leaves them unscored."""
+        if self.state.registry.find("", "reward") is None:
+            return None, None
+        try:
+            rm, rewards = await self.reward._score("", [(f"{side}.", request.prompt, request.messages, text)
+                                                        for side, text in (("left", left), ("right", right))])
+        except REQUEST_ERRORS as e:
+            log.info("comparison left unscored by the reward model: %s", e)
+            return None, None
+        return (rewards[0], rewards[1]), rm.model_version
 
     async def SubmitVote(self, request: fb_pb.SubmitVoteRequest, context=None) -> fb_pb.SubmitVoteResponse:
         """The vote is recorded under the caller's token name (auth.caller; any annotator_id on
@@ -147,15 +221,24 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         limit = self.state.limits.max_bootstrap_rounds
         if rounds > limit:
             raise LimitExceededError("bootstrap_rounds", f"is {rounds}, over --max-bootstrap-rounds {limit}")
-        battles = await self._db(self.store.battles)
+        prior_sd = request.prior_sd if request.HasField("prior_sd") else PRIOR_SD
+        if not 1 <= prior_sd <= 10_000:  # NaN fails too
+            raise InvalidArgumentError("prior_sd", f"must be in [1, 10000] Elo points, got {prior_sd}")
+        rows = await self._db(self.store.voted_comparisons)
+        votes = [(r["left_model"], r["right_model"], r["choice"]) for r in rows]
+        responses = [(r["left_response"], r["right_response"]) for r in rows]
         r = await asyncio.get_running_loop().run_in_executor(
-            self.ratings_pool, rate, battles, rounds, request.seed if request.HasField("seed") else 0)
+            self.ratings_pool, rate, votes, rounds, request.seed if request.HasField("seed") else 0, prior_sd, responses)
         return fb_pb.Leaderboard(
             ratings=[fb_pb.ModelRating(model=x.model, elo=x.elo, bradley_terry=x.bradley_terry,
                                        bradley_terry_lower=x.lower, bradley_terry_upper=x.upper, battles=x.battles,
-                                       wins=x.wins, losses=x.losses, ties=x.ties, both_bad=x.both_bad)
+                                       wins=x.wins, losses=x.losses, ties=x.ties, both_bad=x.both_bad,
+                                       style_controlled=x.style_controlled, style_controlled_lower=x.style_lower,
+                                       style_controlled_upper=x.style_upper)
                      for x in r.ratings],
-            models=r.models, num_votes=len(battles), num_battles=r.num_battles,
+            models=r.models, num_votes=len(votes), num_battles=r.num_battles, prior_sd=r.prior_sd,
+            style=[fb_pb.StyleCoefficient(feature=e.feature, elo_per_sd=e.elo_per_sd, lower=e.lower, upper=e.upper)
+                   for e in r.style],
             win_rates=[fb_pb.WinRateRow(model=m, win_rates=r.win_rates[i].tolist(), battles=r.battles[i].tolist())
                        for i, m in enumerate(r.models)])
 

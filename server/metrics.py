@@ -49,7 +49,7 @@ class ServerMetrics:
         self.rpc_errors = Counter(
             "rlhfkit:rpc_errors", "RPCs that ended with an error status.", ["method", "code"], registry=r)
         self.feedback_comparisons = Counter(
-            "rlhfkit:feedback_comparisons", "A/B comparisons created, by source (models, samples).",
+            "rlhfkit:feedback_comparisons", "A/B comparisons created, by source (models, samples_of, arena: server-chosen).",
             ["source"], registry=r)
         self.feedback_votes = Counter(
             "rlhfkit:feedback_votes", "Votes recorded, by choice (left, right, tie, both_bad).", ["choice"], registry=r)

@@ -61,7 +61,7 @@ def comparison_id(channel) -> str:
     c = stubs(channel)["Feedback"].CreateComparison(
         fb.CreateComparisonRequest(prompt="the cat", samples_of="policy",
                                    sampling=gen.SamplingParams(temperature=1.0, max_new_tokens=2)),
-        metadata=auth("client"), timeout=60)
+        metadata=auth("admin"), timeout=60)  # choosing what answers (samples_of) is the admin's (issue #17)
     return c.comparison_id
 
 
@@ -85,7 +85,9 @@ def calls(channel):
             reward.LogProbsRequest(items=[reward.LogProbsItem(prompt="the cat", response=" sat")]), metadata=md,
             timeout=60)),
         ("ListModels", "client", lambda md: s["Models"].ListModels(models.ListModelsRequest(), metadata=md, timeout=60)),
-        ("CreateComparison", "client", lambda md: s["Feedback"].CreateComparison(
+        # The RPC is the client's; choosing what answers (samples_of, models) is the admin's, which
+        # the servicer checks (a server-chosen matchup, any client's: tests/test_arena.py).
+        ("CreateComparison", "admin", lambda md: s["Feedback"].CreateComparison(
             fb.CreateComparisonRequest(prompt="the cat", samples_of="policy",
                                        sampling=gen.SamplingParams(temperature=1.0, max_new_tokens=2)),
             metadata=md, timeout=60)),
@@ -93,6 +95,8 @@ def calls(channel):
                                                                               metadata=md, timeout=60)),
         ("SubmitVote", "annotator", lambda md: s["Feedback"].SubmitVote(
             fb.SubmitVoteRequest(comparison_id=cid, choice=fb.CHOICE_LEFT), metadata=md, timeout=60)),
+        ("GetAnnotators", "admin", lambda md: s["Feedback"].GetAnnotators(fb.GetAnnotatorsRequest(), metadata=md,
+                                                                          timeout=60)),
         ("SetRole", "admin", lambda md: s["Models"].SetRole(models.SetRoleRequest(name="policy", role="policy"),
                                                             metadata=md, timeout=60)),
     ]

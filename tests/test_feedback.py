@@ -1,6 +1,7 @@
 """Feedback over loopback gRPC: comparisons from two models or two samples of one, sides
 drawn at random, identities revealed by the vote, every bad input's status, metrics."""
 
+import math
 import re
 import urllib.error
 import urllib.request
@@ -121,10 +122,18 @@ def test_messages_to_models_without_a_chat_template(client):
     assert client.create_comparison("the cat", models=("policy", "reference"), **GREEDY).left
 
 
-def test_comparison_without_source_is_invalid(client):
-    req = feedback_pb2.CreateComparisonRequest(prompt="x")
+def test_comparison_without_source_is_a_server_chosen_matchup(client):
+    """No source: the server draws the pair (issue #17) and decodes with --arena-sampling,
+    so sampling from the caller is refused, naming the field; a prompt that does not fit the
+    operator's parameters names the prompt. tests/test_arena.py has the rest."""
+    req = feedback_pb2.CreateComparisonRequest(prompt="x", sampling={"temperature": 1.0})
     code, msg = status_of(lambda: client.feedback.CreateComparison(req, timeout=30))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("source:")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("sampling:") and "--arena-sampling" in msg
+    # This server keeps the default --arena-sampling (256 new tokens): more than the tiny context holds.
+    code, msg = status_of(lambda: client.feedback.CreateComparison(feedback_pb2.CreateComparisonRequest(prompt="x"),
+                                                                   timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("prompt: does not fit this server's "
+                                                                       "--arena-sampling: max_new_tokens:"), msg
 
 
 def test_leaderboard_and_metrics_from_the_votes(server, tmp_path):
@@ -145,9 +154,18 @@ def test_leaderboard_and_metrics_from_the_votes(server, tmp_path):
     assert board.num_votes == 8 and board.num_battles == 8 and list(board.models) == ["policy", "reference"]
     top, bottom = board.ratings
     assert (top.model, top.wins, top.losses, top.ties) == ("policy", 3, 1, 4)
-    # BT with ties as half wins: policy 5 of 8 -> odds 5:3, gap 400 log10(5/3) = 88.74, centred on 1000
-    assert top.bradley_terry == pytest.approx(1000 + 88.7394 / 2, abs=0.01)
-    assert bottom.bradley_terry == pytest.approx(1000 - 88.7394 / 2, abs=0.01)
+    # BT with ties as half wins: policy 5 of 8. Maximum likelihood would be odds 5:3, a gap of
+    # 400 log10(5/3) = 88.74; the server's N(1000, 200^2) prior pulls it in: the MAP x (natural
+    # log units, +-x for the two) solves 5 - 8 sigmoid(2x) = x / s^2, s = 200 ln(10) / 400.
+    lam = (400 / math.log(10) / 200) ** 2
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 5 - 8 / (1 + math.exp(-2 * mid)) - lam * mid > 0 else (lo, mid)
+    half_gap = lo * 400 / math.log(10)  # 37.00 (x = 0.213), against 44.37 without the prior
+    assert board.prior_sd == 200 and half_gap == pytest.approx(37.00, abs=0.01)
+    assert top.bradley_terry == pytest.approx(1000 + half_gap, abs=0.01)
+    assert bottom.bradley_terry == pytest.approx(1000 - half_gap, abs=0.01)
     assert top.bradley_terry_lower <= top.bradley_terry <= top.bradley_terry_upper
     assert board.win_rates[0].win_rates[1] == pytest.approx(5 / 8) and board.win_rates[0].battles[1] == 8
     assert re.search(r'^rlhfkit:feedback_comparisons_total\{source="models"\} 4\.0$', metrics, re.M)

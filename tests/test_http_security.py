@@ -26,11 +26,17 @@ READ_TIMEOUT = 1.0
 # A concurrent small request must be answered within this while a hostile one runs (the
 # machine running the suite may be busy: a healthy reply takes milliseconds).
 PROMPT_S = 0.5
-SMALL_COMPARISON = {"prompt": "the cat", "samplesOf": "policy", "sampling": {"maxNewTokens": 2, "temperature": 1.0}}
+# A server-chosen matchup (any client may ask for one: issue #17), decoded with ARENA_SAMPLING;
+# choosing what answers (samplesOf, models) is the admin's.
+SMALL_COMPARISON = {"prompt": "the cat"}
+CHOSEN_COMPARISON = {"prompt": "the cat", "samplesOf": "policy", "sampling": {"maxNewTokens": 2, "temperature": 1.0}}
+ARENA_SAMPLING = '{"maxNewTokens": 2, "temperature": 1.0}'
 
 
 def serve(tmp_path, policy_dir, **options) -> ServerThread:
-    srv = ServerThread(ServeConfig(policy=str(policy_dir), port=0, metrics_port=0, device="cpu",
+    """The policy also served as the reference: two policies for server-chosen matchups."""
+    srv = ServerThread(ServeConfig(policy=str(policy_dir), reference=str(policy_dir), arena_sampling=ARENA_SAMPLING,
+                                   port=0, metrics_port=0, device="cpu",
                                    feedback_db=f"sqlite:///{tmp_path / 'fb.db'}", http_read_timeout=READ_TIMEOUT,
                                    **options)).wait_loaded()
     srv.db = tmp_path / "fb.db"
@@ -99,6 +105,7 @@ API_ROUTES = [("GET", "/api/prompt", None, "client", 200),
               ("GET", "/api/leaderboard", None, "client", 200),
               ("POST", "/api/leaderboard", {}, "client", 200),
               ("POST", "/api/comparisons", SMALL_COMPARISON, "client", 200),
+              ("POST", "/api/comparisons", CHOSEN_COMPARISON, "admin", 200),
               ("POST", "/api/votes", UNKNOWN_VOTE, "annotator", 404)]  # allowed: then the comparison is unknown
 RANK = {"client": 0, "annotator": 1, "admin": 2}
 
@@ -400,7 +407,7 @@ def https(srv, certs, client_cert=False, host="127.0.0.1"):
 def test_https_with_the_test_ca(tls_servers, certs):
     srv = tls_servers["tls"]
     status, _, reply = call(srv, "GET", "/api/models", connection=https(srv, certs))
-    assert status == 200 and reply["models"] == ["policy"]
+    assert status == 200 and reply["models"] == ["policy", "reference"]
     status, _, _ = call(srv, "GET", "/api/models", connection=https(srv, certs, host="localhost"),
                         headers={"Origin": f"https://localhost:{srv.http_port}"})
     assert status == 200
@@ -434,7 +441,7 @@ def test_a_silent_tls_client_blocks_no_one(tls_servers, certs):
 def test_mutual_tls(tls_servers, certs):
     srv = tls_servers["mtls"]
     status, _, reply = call(srv, "GET", "/api/models", connection=https(srv, certs, client_cert=True))
-    assert status == 200 and reply["models"] == ["policy"]
+    assert status == 200 and reply["models"] == ["policy", "reference"]
     # Without a client certificate: no reply (TLS 1.3 reports it on the first read).
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
         call(srv, "GET", "/api/models", connection=https(srv, certs))

@@ -1,10 +1,11 @@
-"""The server's HTTP side (--metrics-port): Prometheus /metrics, the labeling and
-leaderboard pages, and the small JSON API those pages call.
+"""The server's HTTP side (--metrics-port): Prometheus /metrics, the labeling, leaderboard
+and annotators pages, and the small JSON API those pages call.
 
 A stdlib threaded HTTP server in a background thread (no extra dependency; the pages are
 plain files, no build step). JSON requests and replies are the Feedback protos in their
-standard JSON mapping; each runs the Feedback servicer's own code on the server's event
-loop, so the page and a gRPC client get the same validation, statuses and store.
+standard JSON mapping (query parameters are fields too); each runs the Feedback
+servicer's own code on the server's event loop, so the page and a gRPC client get the same
+validation, statuses and store.
 
 Access (ARCHITECTURE.md "Access and transport"): with --auth-tokens the /api routes need
 `Authorization: Bearer TOKEN` (ROUTES gives each route's role; a vote is recorded under
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -53,7 +54,8 @@ from rlhfkit.v1 import feedback_pb2 as fb_pb
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-PAGES = {"/": "label.html", "/label": "label.html", "/leaderboard": "leaderboard.html"}
+PAGES = {"/": "label.html", "/label": "label.html", "/leaderboard": "leaderboard.html",
+         "/annotators": "annotators.html"}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 # Drawn when the server was given no --feedback-prompts file. A file's line is {"prompt": TEXT}
@@ -81,6 +83,8 @@ ROUTES = {
     "/api/votes": Route("submit_vote", ("POST",), "annotator", "call", fb_pb.SubmitVoteRequest, "SubmitVote"),
     "/api/leaderboard": Route("leaderboard", ("GET", "POST"), "client", "call", fb_pb.GetLeaderboardRequest,
                               "GetLeaderboard"),
+    "/api/annotators": Route("annotators", ("GET", "POST"), "admin", "call", fb_pb.GetAnnotatorsRequest,
+                             "GetAnnotators"),
 }
 
 # The pages load only their own files: no inline script, no framing (clickjacking a vote).
@@ -525,11 +529,31 @@ class HttpSide:
             raise HttpError(400, f"request body: not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise HttpError(400, f"request body: expected a JSON object, got {JSON_KINDS[type(body)]}")
+        body = self.with_query(h, body)
         self.check_list_lengths(body)
         try:
             return ParseDict(body, message_type())
         except (ParseError, ValueError, TypeError, RecursionError) as e:
             raise HttpError(400, f"request body: {shortened(e, 300)}") from None
+
+    @staticmethod
+    def with_query(h, body: dict) -> dict:
+        """The query's parameters as fields of the request (GET /api/annotators?days=7), each at
+        most once and not also in the body; ParseDict reads "7" as a number, as the JSON mapping
+        allows."""
+        query = h.path.partition("?")[2]
+        if not query:
+            return body
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=64)
+        except ValueError as e:
+            raise HttpError(400, f"query: {shortened(e, 200)}") from None
+        fields = dict(pairs)
+        if len(fields) < len(pairs):
+            raise HttpError(400, "query: a parameter is given more than once")
+        if fields.keys() & body.keys():
+            raise HttpError(400, f"query and body both set {sorted(fields.keys() & body.keys())[0]!r}")
+        return {**body, **fields}
 
     def check_list_lengths(self, body: dict):
         """Refuse long arrays before ParseDict, which is pure Python: a few MB of [1, 1, ...]

@@ -1,7 +1,9 @@
-"""The labeling page in headless Chromium: sign in with an annotator token, draw a prompt,
-compare, vote (click and key), see the reveal, find the votes in the store under the token's
-name; the leaderboard page shows the ratings. A drawn conversation is shown turn by turn, as
-text, and compared as messages, on a server without tokens (no sign-in asked)."""
+"""The labeling page in headless Chromium: sign in with an operator's (admin) token, draw a
+prompt, compare two samples of one model (the operator panel), vote (click and key), see the
+reveal, find the votes in the store under the token's name; the leaderboard page shows the
+ratings (an annotator's blind, server-chosen matchups: test_arena_pages.py). A drawn
+conversation is shown turn by turn, as text, and compared as messages, on a server without
+tokens (no sign-in asked)."""
 
 import json
 import shutil
@@ -25,8 +27,9 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
 
 
-ANNOTATOR_TOKEN = "annotator-token-for-the-page"
-TOKENS = {ANNOTATOR_TOKEN: {"name": "ann-7", "role": "annotator"}}
+# An admin's: only the operator panel chooses what answers (here two samples of one model).
+OPERATOR_TOKEN = "operator-token-for-the-page"
+TOKENS = {OPERATOR_TOKEN: {"name": "ann-7", "role": "admin"}}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-JSON_WITH_TOKEN = {"Content-Type": "application/json", "Authorization": f"Bearer {ANNOTATOR_TOKEN}"}
+JSON_WITH_TOKEN = {"Content-Type": "application/json", "Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
 
 def post(server, path, body):
@@ -102,16 +105,17 @@ def test_label_vote_reveal_and_leaderboard(server, browser):
     # The server answers 401: the page asks for a token. A wrong one is refused and asked again.
     sign_in(browser, wait, "not-a-token-of-this-server")
     wait.until(lambda b: "does not accept" in b.find_element(By.ID, "login").text)
-    sign_in(browser, wait, ANNOTATOR_TOKEN)
+    sign_in(browser, wait, OPERATOR_TOKEN)
     wait.until(lambda b: not b.find_elements(By.ID, "login")
                and b.find_element(By.ID, "annotator").get_attribute("value") == "ann-7")
     assert browser.find_element(By.ID, "annotator").get_attribute("readOnly") == "true"
-    assert browser.execute_script("return sessionStorage.getItem('rlhfkit-token')") == ANNOTATOR_TOKEN
+    assert browser.execute_script("return sessionStorage.getItem('rlhfkit-token')") == OPERATOR_TOKEN
     browser.find_element(By.ID, "draw").click()
     wait.until(lambda b: b.find_element(By.ID, "prompt").get_attribute("value"))
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("the cat")
+    Select(browser.find_element(By.ID, "source")).select_by_value("samples")  # the operator panel; "" = policy
     browser.find_element(By.ID, "compare").click()
     wait.until(lambda b: b.find_element(By.ID, "battle").is_displayed() and b.find_element(By.ID, "left").text)
     # textContent, not .text: WebDriver's .text normalises whitespace, the store keeps it exact.
@@ -196,6 +200,7 @@ def test_drawn_conversation_is_shown_as_text_and_compared_as_messages(chat_serve
     wait.until(lambda b: b.find_element(By.ID, "drawn").is_displayed())
     assert not browser.find_element(By.ID, "prompt").is_displayed()
     assert turns(browser, "drawn-conversation") == CONVERSATION
+    wait.until(lambda b: b.find_elements(By.ID, "operator"))  # the panel: a server without tokens is open
     Select(browser.find_element(By.ID, "source")).select_by_value("models")
     for field, value in (("model-a", "policy"), ("model-b", "reference"), ("temperature", "0"),
                          ("max-new-tokens", "6")):

@@ -1,5 +1,9 @@
 // The labeling page: ask the server for a comparison, show the two anonymous responses,
-// send the vote (buttons or keys 1-4), then show which models answered. A prompt is text or
+// send the vote (buttons or keys 1-4), then show which models answered. By default the
+// comparison is the arena's: the request names no model and no decoding, the server draws
+// the pair, so the page holds nothing that tells the models apart until the vote reveals
+// them. Admins (and everyone on a server without tokens) also get the operator panel, to
+// pick the models or two samples of one and the decoding. A prompt is text or
 // a conversation (drawn from the server's --feedback-prompts file); a conversation is shown
 // turn by turn above the responses. Data is only ever put in the page as text (textContent):
 // prompts, messages and responses are whatever people and models wrote. api() (api.js) asks
@@ -9,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 let current = null;  // the comparison on screen, until voted
 let drawnMessages = null;  // the conversation drawn as the prompt, or null for the text box
 let caller = null;  // the token's name, when the server has tokens and one is given
+let modelsListed = false;  // the operator's datalist of model names, fetched once when first needed
 
 function status(text, isError) {
   $("status").textContent = text;
@@ -53,10 +58,13 @@ function setDrawnMessages(messages) {
 async function compare() {
   const prompt = $("prompt").value;
   if (drawnMessages === null && !prompt.trim()) return status("Type a prompt or draw one first.", true);
-  const sampling = {temperature: Number($("temperature").value), maxNewTokens: Number($("max-new-tokens").value)};
-  const body = drawnMessages !== null ? {messages: drawnMessages, sampling} : {prompt, sampling};
-  if ($("source").value === "models") body.models = {modelA: $("model-a").value, modelB: $("model-b").value};
-  else body.samplesOf = $("samples-of").value;
+  const body = drawnMessages !== null ? {messages: drawnMessages} : {prompt};
+  const source = $("source") ? $("source").value : "arena";  // no panel: the arena
+  if (source !== "arena") {
+    body.sampling = {temperature: Number($("temperature").value), maxNewTokens: Number($("max-new-tokens").value)};
+    if (source === "models") body.models = {modelA: $("model-a").value, modelB: $("model-b").value};
+    else body.samplesOf = $("samples-of").value;
+  }
   status("Generating…");
   $("compare").disabled = true;
   try {
@@ -66,12 +74,15 @@ async function compare() {
     $("right").textContent = current.right;
     $("left-model").textContent = $("right-model").textContent = "";
     $("reveal").hidden = true;
+    $("reveal").textContent = "";  // the last pair's names: nothing of a revealed vote stays behind
     $("rationale").value = "";
     document.querySelectorAll(".votes button").forEach((b) => { b.disabled = false; b.classList.remove("chosen"); });
     $("battle").hidden = false;
     status("Which response is better? Click or press 1-4.");
   } catch (e) {
-    status(e.message, true);
+    // A 403 here is the models chosen by a token that is not an admin's: say so plainly.
+    status(e.message.startsWith("PERMISSION_DENIED") ? `Choosing the models needs an admin token. ${e.message}`
+      : e.message, true);
   } finally {
     $("compare").disabled = false;
   }
@@ -111,19 +122,31 @@ async function draw() {
 }
 
 async function listModels() {
+  if (modelsListed) return;
+  modelsListed = true;
   try {
     const {models} = await api("/api/models");
     $("model-names").replaceChildren(...models.map((m) => Object.assign(document.createElement("option"), {value: m})));
   } catch (e) { /* the datalist is a convenience */ }
 }
 
+// The operator panel, for admins only; the arena stays the default choice.
+function showOperatorPanel(show) {
+  if (!show) return $("operator")?.remove();  // signed in again with a token that is not an admin's
+  if ($("operator")) return;
+  $("ask").append($("operator-panel").content.cloneNode(true));
+  $("source").onchange = () => {
+    const source = $("source").value;
+    $("chosen").hidden = source === "arena";
+    $("models-box").hidden = source !== "models";
+    $("samples-box").hidden = source !== "samples";
+    if (source !== "arena") listModels();  // names only once the operator asks for them
+  };
+}
+
 $("draw").onclick = draw;
 $("type-instead").onclick = () => { setDrawnMessages(null); $("prompt").focus(); };
 $("compare").onclick = compare;
-$("source").onchange = () => {
-  $("models-box").hidden = $("source").value !== "models";
-  $("samples-box").hidden = $("source").value === "models";
-};
 document.querySelectorAll(".votes button").forEach((b) => { b.onclick = () => vote(b); });
 document.addEventListener("keydown", (e) => {
   if (["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName)) return;  // typing, not voting
@@ -135,6 +158,7 @@ async function showCaller() {
   try {
     const who = await api("/api/whoami");
     caller = who.open ? null : who.name;
+    showOperatorPanel(who.open || who.role === "admin");
   } catch (e) { status(e.message, true); return; }
   $("annotator").readOnly = caller !== null;
   if (caller !== null) $("annotator").value = caller;
@@ -144,4 +168,3 @@ $("annotator").value = localStorage.getItem("rlhfkit-annotator") || "";
 if (!hasToken()) annotator();
 document.addEventListener("rlhfkit-token", showCaller);
 showCaller();
-listModels();

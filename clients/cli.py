@@ -1,6 +1,6 @@
 """The `rlhfkit` command line.
 
-Client commands (generate, score, compare, chat, models, feedback leaderboard) talk to a
+Client commands (generate, score, compare, chat, models, feedback leaderboard / annotators) talk to a
 running server and need only grpc; each takes the server's token (--token / RLHFKIT_TOKEN)
 and TLS files (--tls-ca, --tls-cert, --tls-key). `tokens` edits a server's tokens file;
 `serve`, `train`, `quickstart` and `init-demo` import the server or the training module when
@@ -359,29 +359,115 @@ def cmd_models(args) -> int:
     return 0
 
 
+# The feedback options that apply to some actions only: given to another, they are an error
+# rather than silently ignored.
+FEEDBACK_OPTIONS = {"feedback_db": ("--feedback-db", ("export", "annotators")),
+                    "min_agreement": ("--min-agreement", ("export",)), "out": ("--out", ("export",)),
+                    "prior_sd": ("--prior-sd", ("leaderboard",)), "png": ("--png", ("leaderboard",)),
+                    "days": ("--days", ("annotators",))}
+
+
+def check_feedback_args(args):
+    for dest, (flag, actions) in FEEDBACK_OPTIONS.items():
+        if getattr(args, dest) is not None and args.action not in actions:
+            args.parser.error(f"{flag} applies to `feedback {'/'.join(actions)}`, not `feedback {args.action}`")
+    if args.style_features and args.action != "export":
+        args.parser.error(f"--style-features applies to `feedback export`, not `feedback {args.action}`")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        args.parser.error(f"--min-agreement must be in [0, 1] (a share of votes agreeing with the majority), "
+                          f"got {args.min_agreement}")
+    if args.prior_sd is not None and not (0 < args.prior_sd < float("inf")):
+        args.parser.error(f"--prior-sd must be > 0 Elo points (the prior's standard deviation), got {args.prior_sd}")
+    if args.days is not None and not 1 <= args.days <= 366:
+        args.parser.error(f"--days must be in [1, 366], got {args.days}")
+    if args.bootstrap_rounds < 0:
+        args.parser.error(f"--bootstrap-rounds must be >= 0 (0: the server's default), got {args.bootstrap_rounds}")
+
+
+def _share(value: float, n: int, present: bool) -> str:
+    return f"{value:6.1%} ({n})" if present else "-"
+
+
+def print_annotators(report, days: int, source: str):
+    cap = report.max_votes_per_annotator_per_day
+    cap_text = f"cap {cap} votes per annotator per UTC day" if cap else (
+        "no cap" if source == "server" else "cap unknown (read from the store)")
+    print(f"{len(report.annotators)} annotators, {report.num_votes} votes; {cap_text}")
+    if not report.annotators:
+        return
+    width = max(9, *(len(a.annotator) for a in report.annotators))
+    print(f"{'annotator':{width}s} {'votes':>6s} {'today':>6s} {'with majority (n)':>18s} {'with reward model (n)':>22s}")
+    for a in report.annotators:
+        majority = _share(a.agreement_with_majority, a.majority_comparisons, a.HasField("agreement_with_majority"))
+        reward = _share(a.agreement_with_reward_model, a.reward_comparisons, a.HasField("agreement_with_reward_model"))
+        print(f"{a.annotator:{width}s} {a.votes:6d} {a.votes_today:6d} {majority:>18s} {reward:>22s}")
+    if report.pairs:
+        print("\nCohen's kappa of each pair (over the comparisons both voted on):")
+        w = max(len(p.annotator_a) + len(p.annotator_b) + 3 for p in report.pairs)
+        for p in report.pairs:
+            print(f"  {p.annotator_a + ' / ' + p.annotator_b:{w}s} {p.cohen_kappa:7.3f}  ({p.shared_comparisons} shared)")
+    if report.HasField("fleiss_kappa"):
+        print(f"\nFleiss' kappa {report.fleiss_kappa:.3f} over {report.fleiss_comparisons} comparisons with "
+              f"{report.fleiss_raters} annotators each")
+    print(f"\nvotes per UTC day, last {days} days:")
+    for a in report.annotators:
+        print(f"  {a.annotator:{width}s} " + (", ".join(f"{d.day} {d.votes}" for d in a.daily) or "-"))
+
+
 def cmd_feedback(args) -> int:
+    check_feedback_args(args)
     if args.action == "leaderboard":
         with connect(args) as client:
-            board = client.leaderboard(args.bootstrap_rounds)
+            board = client.leaderboard(args.bootstrap_rounds, prior_sd=args.prior_sd)
+        if args.png:
+            from rlhfkit.clients.plots import leaderboard_png
+
+            print(f"rlhfkit feedback leaderboard: wrote {leaderboard_png(board, args.png)}", file=sys.stderr)
         if args.json:
             _print_json(board)
             return 0
         print(f"{board.num_battles} battles ({board.num_votes} votes)")
-        print(f"{'model':24s} {'Bradley-Terry':>14s} {'95% CI':>17s} {'Elo':>8s} {'battles':>8s}  W/L/T/BB")
+        print(f"{'model':24s} {'Bradley-Terry':>14s} {'95% CI':>17s} {'style-ctrl':>11s} {'95% CI':>17s} {'Elo':>8s} "
+              f"{'battles':>8s}  W/L/T/BB")
         for r in board.ratings:
             print(f"{r.model:24s} {r.bradley_terry:14.1f} {r.bradley_terry_lower:8.1f}..{r.bradley_terry_upper:<7.1f} "
+                  f"{r.style_controlled:11.1f} {r.style_controlled_lower:8.1f}..{r.style_controlled_upper:<7.1f} "
                   f"{r.elo:8.1f} {r.battles:8d}  {r.wins}/{r.losses}/{r.ties}/{r.both_bad}")
         return 0
-    # export reads the store directly: no server needed (several replicas may share it).
+    days = args.days or 14
+    if args.action == "annotators" and not args.feedback_db:
+        with connect(args) as client:
+            report = client.annotators(days)
+        if args.json:
+            _print_json(report)
+        else:
+            print_annotators(report, days, "server")
+        return 0
+    # The store read directly: no server needed (several replicas may share it).
+    from rlhfkit.server.agreement import annotator_report, filter_by_agreement
     from rlhfkit.server.feedback import FeedbackStore, export_records
 
     if not args.feedback_db:
         sys.exit("rlhfkit feedback export: give --feedback-db sqlite:///PATH or postgresql://...")
     store = FeedbackStore(args.feedback_db)
     try:
-        records = export_records(store.voted_comparisons(), args.format)
+        rows = store.voted_comparisons()
     finally:
         store.close()
+    if args.action == "annotators":
+        report = annotator_report(rows, 0, days)  # the server's cap is not in the store
+        if args.json:
+            _print_json(report)
+        else:
+            print_annotators(report, days, "store")
+        return 0
+    if args.min_agreement is not None:
+        rows, dropped, unmeasured = filter_by_agreement(rows, args.min_agreement)
+        print(f"rlhfkit feedback export: --min-agreement {args.min_agreement:g} dropped {sum(dropped.values())} votes "
+              f"of {len(dropped)} annotators" + (f" ({', '.join(sorted(dropped))})" if dropped else "")
+              + f"; kept {sum(unmeasured.values())} votes of {len(unmeasured)} annotators with no measure (no "
+              "comparison where the others have a strict majority)", file=sys.stderr)
+    records = export_records(rows, args.format, style_features=args.style_features)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         for record in records:
@@ -524,20 +610,51 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("feedback", help="export A/B votes as training data, or show the leaderboard",
-                       description="`rlhfkit feedback export --feedback-db URL --format trl --out prefs.jsonl` writes "
-                                   "the votes of a feedback store as {prompt, chosen, rejected} lines (TRL; ties and "
-                                   "both-bad votes left out) or --format rankings {prompt, responses: [best, worst]}, "
-                                   "ready for `rlhfkit train rm --train-file`. A comparison made from a conversation "
-                                   "is written in TRL's conversational form: prompt is the list of messages and each "
-                                   "response one assistant message ({\"prompt\": [...], \"chosen\": [{\"role\": "
-                                   "\"assistant\", \"content\": ...}], \"rejected\": [...]}; rankings: responses "
-                                   "[[best], [worst]]). `rlhfkit feedback leaderboard` asks a server for its ratings.")
-    p.add_argument("action", choices=["export", "leaderboard"])
-    p.add_argument("--feedback-db", help="store to export: sqlite:///PATH or postgresql://... (export)")
+    p = sub.add_parser("feedback", help="export A/B votes as training data, show the leaderboard, or check the "
+                                         "annotators",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""\
+actions:
+  export       the votes of a feedback store (--feedback-db URL, read directly: no server
+               needed) as training data: --format trl writes {prompt, chosen, rejected}
+               lines (TRL; ties and both-bad votes left out), --format rankings
+               {prompt, responses: [best, worst]}, ready for `rlhfkit train rm --train-file`.
+               A comparison made from a conversation is written in TRL's conversational
+               form: prompt is the list of messages and each response one assistant
+               message ({"prompt": [...], "chosen": [{"role": "assistant", "content": ...}],
+               "rejected": [...]}; rankings: responses [[best], [worst]]).
+               --min-agreement X (0..1) drops the votes of annotators who agree with the
+               majority of the other annotators less than X of the time; those with no
+               measure (no comparison where the others have a strict majority) are kept;
+               stderr says how many votes of how many annotators of each. --style-features adds each response's style
+               covariates (length in characters, markdown headers, list items, bold) as
+               chosen_style / rejected_style (rankings: responses_style).
+  leaderboard  asks a server (--address) for its ratings: Bradley-Terry and style-controlled
+               (length and markdown effects taken out) with 95% intervals, online Elo, and
+               battles. --prior-sd ELO sets the Gaussian prior on each rating (server default
+               200; smaller pulls models with few battles towards the mean); --png FILE also
+               draws the ratings and the win-rate matrix.
+  annotators   who votes, how much (in all, today, per UTC day over --days N, default 14),
+               and how far they agree: with the majority of the others, with the reward
+               model that scored the two responses, pairwise Cohen's kappa and Fleiss' kappa.
+               From a server (admin token; shows its --max-votes-per-annotator-per-day), or
+               read from a store with --feedback-db URL.""")
+    p.add_argument("action", choices=["export", "leaderboard", "annotators"])
+    p.add_argument("--feedback-db", help="store to read: sqlite:///PATH or postgresql://... (export; annotators "
+                                         "without a server)")
     p.add_argument("--format", choices=["trl", "rankings"], default="trl", help="export format (default: trl)")
-    p.add_argument("--out", help="output JSONL file (default: stdout)")
+    p.add_argument("--out", help="export: output JSONL file (default: stdout)")
+    p.add_argument("--min-agreement", type=float, metavar="X", help="export: drop the votes of annotators whose "
+                   "agreement with the majority of the others is below X, in [0, 1] (unmeasured ones are kept)")
+    p.add_argument("--style-features", action="store_true", help="export: add the style covariates of each "
+                                                                 "response (length, headers, lists, bold)")
     p.add_argument("--bootstrap-rounds", type=int, default=0, help="leaderboard: bootstrap rounds (0: server default)")
+    p.add_argument("--prior-sd", type=float, metavar="ELO", help="leaderboard: standard deviation of the prior on "
+                   "each rating, Elo points > 0 (default: the server's, 200)")
+    p.add_argument("--png", metavar="FILE", help="leaderboard: also draw it (ratings with intervals, win-rate matrix) "
+                                                 "to this PNG file")
+    p.add_argument("--days", type=int, metavar="N", help="annotators: votes per day over the last N UTC days, "
+                                                         "1..366 (default: 14)")
     _client_args(p)
     p.set_defaults(func=cmd_feedback)
 

@@ -47,3 +47,24 @@ def test_agreement_of_three_annotators_by_hand():
     assert r.with_majority == {"A": (0.5, 2), "B": (0.5, 2), "C": (0.5, 2)}
     with pytest.raises(ValueError, match="choice must be"):
         agreement([("c1", "A", "up")])
+
+
+def test_reward_agreement_and_the_agreement_filter_by_hand():
+    from rlhfkit.server.agreement import filter_by_agreement, reward_agreement
+
+    def row(c, a, choice, left=None, right=None):
+        return {"comparison_id": c, "annotator_id": a, "choice": choice, "left_reward": left, "right_reward": right}
+
+    rows = [row("c1", "A", "left", 2.0, 1.0), row("c1", "B", "left", 2.0, 1.0), row("c1", "C", "right", 2.0, 1.0),
+            row("c2", "A", "right", 0.0, 0.0),  # equal rewards: no preference to agree with
+            row("c3", "A", "tie", 0.0, 1.0),  # a tie picks no side
+            row("c4", "A", "right", None, 1.0),  # unscored
+            row("c5", "D", "left", -3.0, -1.0)]
+    # A: c1 only (left, left higher) 1/1; B 1/1; C picked the lower side 0/1; D picked the lower side 0/1.
+    assert reward_agreement(rows) == {"A": (1.0, 1), "B": (1.0, 1), "C": (0.0, 1), "D": (0.0, 1)}
+    # With the majority of the others (only c1 has several voters): A's others are B left, C right, no
+    # strict majority, likewise B's; C's are A and B, both left, and C said right: 0/1 < 0.5, dropped.
+    # A, B and D have no measure: kept.
+    kept, dropped, unmeasured = filter_by_agreement(rows, 0.5)
+    assert dropped == {"C": 1} and unmeasured == {"A": 4, "B": 1, "D": 1}
+    assert [r["annotator_id"] for r in kept] == ["A", "B", "A", "A", "A", "D"]

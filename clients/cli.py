@@ -1,10 +1,10 @@
 """The `rlhfkit` command line.
 
-Client commands (generate, score, compare, chat, models, feedback leaderboard / annotators) talk to a
-running server and need only grpc; each takes the server's token (--token / RLHFKIT_TOKEN)
-and TLS files (--tls-ca, --tls-cert, --tls-key). `tokens` edits a server's tokens file;
-`serve`, `train`, `quickstart` and `init-demo` import the server or the training module when
-run.
+Client commands (generate, score, compare, chat, models, feedback leaderboard and
+annotators) talk to a running server and need only grpc; each takes the server's token
+(--token / RLHFKIT_TOKEN) and TLS files (--tls-ca, --tls-cert, --tls-key). `tokens` edits a
+server's tokens file; `serve`, `train`, `quickstart` and `init-demo` import the server or the
+training module when run.
 """
 
 from __future__ import annotations
@@ -396,7 +396,8 @@ def print_annotators(report, days: int, source: str):
     if not report.annotators:
         return
     width = max(9, *(len(a.annotator) for a in report.annotators))
-    print(f"{'annotator':{width}s} {'votes':>6s} {'today':>6s} {'with majority (n)':>18s} {'with reward model (n)':>22s}")
+    print(f"{'annotator':{width}s} {'votes':>6s} {'today':>6s} {'with majority (n)':>18s} "
+          f"{'with reward model (n)':>22s}")
     for a in report.annotators:
         majority = _share(a.agreement_with_majority, a.majority_comparisons, a.HasField("agreement_with_majority"))
         reward = _share(a.agreement_with_reward_model, a.reward_comparisons, a.HasField("agreement_with_reward_model"))
@@ -405,7 +406,8 @@ def print_annotators(report, days: int, source: str):
         print("\nCohen's kappa of each pair (over the comparisons both voted on):")
         w = max(len(p.annotator_a) + len(p.annotator_b) + 3 for p in report.pairs)
         for p in report.pairs:
-            print(f"  {p.annotator_a + ' / ' + p.annotator_b:{w}s} {p.cohen_kappa:7.3f}  ({p.shared_comparisons} shared)")
+            pair = f"{p.annotator_a} / {p.annotator_b}"
+            print(f"  {pair:{w}s} {p.cohen_kappa:7.3f}  ({p.shared_comparisons} shared)")
     if report.HasField("fleiss_kappa"):
         print(f"\nFleiss' kappa {report.fleiss_kappa:.3f} over {report.fleiss_comparisons} comparisons with "
               f"{report.fleiss_raters} annotators each")

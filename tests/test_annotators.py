@@ -2,6 +2,7 @@
 annotator report against a hand-worked table of votes, the reward columns and their
 migration, and the CLI (`feedback annotators`, `export --min-agreement / --style-features`)."""
 
+import asyncio
 import json
 import time
 from datetime import datetime, timezone
@@ -10,7 +11,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.clients import Client
+from rlhfkit.clients import AsyncClient, Client
 from rlhfkit.clients.cli import main as cli_main
 from rlhfkit.clients.client import comparison_request, leaderboard_request
 from rlhfkit.server.agreement import annotator_report
@@ -352,6 +353,12 @@ def test_cap_and_report_over_grpc(capped, capsys):
     assert [(a.annotator, a.votes, a.votes_today, [(d.day, d.votes) for d in a.daily]) for a in report.annotators] == \
         [("ann", 2, 2, [(today, 2)]), ("bob", 1, 1, [(today, 1)])]
     assert len(report.pairs) == 0 and not report.HasField("fleiss_kappa")  # no comparison with two voters
+
+    async def from_the_async_client():
+        async with AsyncClient(capped.address, timeout=60) as c:
+            return await c.annotators()
+
+    assert asyncio.run(from_the_async_client()) == report
     assert cli_main(["feedback", "annotators", "--address", capped.address]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "2 annotators, 3 votes; cap 2 votes per annotator per UTC day"

@@ -106,7 +106,9 @@ API_ROUTES = [("GET", "/api/prompt", None, "client", 200),
               ("POST", "/api/leaderboard", {}, "client", 200),
               ("POST", "/api/comparisons", SMALL_COMPARISON, "client", 200),
               ("POST", "/api/comparisons", CHOSEN_COMPARISON, "admin", 200),
-              ("POST", "/api/votes", UNKNOWN_VOTE, "annotator", 404)]  # allowed: then the comparison is unknown
+              ("POST", "/api/votes", UNKNOWN_VOTE, "annotator", 404),  # allowed: then the comparison is unknown
+              ("GET", "/api/annotators", None, "admin", 200),
+              ("GET", "/api/annotators?days=7", None, "admin", 200)]  # allowed: then the comparison is unknown
 RANK = {"client": 0, "annotator": 1, "admin": 2}
 
 
@@ -127,7 +129,7 @@ def test_api_routes_by_role(server, method, path, body, needed, allowed_status):
 
 
 def test_pages_stay_open_and_refusals_are_counted(server):
-    for path in ("/", "/label", "/leaderboard", "/static/label.js", "/static/api.js", "/static/style.css"):
+    for path in ("/", "/label", "/leaderboard", "/annotators", "/static/label.js", "/static/api.js", "/static/style.css"):
         assert call(server, "GET", path)[0] == 200, path
     before = refusals(server, "models", "UNAUTHENTICATED"), refusals(server, "submit_vote", "PERMISSION_DENIED")
     call(server, "GET", "/api/models")

@@ -108,7 +108,7 @@ API_ROUTES = [("GET", "/api/prompt", None, "client", 200),
               ("POST", "/api/comparisons", CHOSEN_COMPARISON, "admin", 200),
               ("POST", "/api/votes", UNKNOWN_VOTE, "annotator", 404),  # allowed: then the comparison is unknown
               ("GET", "/api/annotators", None, "admin", 200),
-              ("GET", "/api/annotators?days=7", None, "admin", 200)]  # allowed: then the comparison is unknown
+              ("GET", "/api/annotators?days=7", None, "admin", 200)]
 RANK = {"client": 0, "annotator": 1, "admin": 2}
 
 

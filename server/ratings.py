@@ -269,8 +269,8 @@ def _plain_fit(battles, index, prior_sd, rounds, rng):
 def style_covariates(responses: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
     """Per battle, each style feature's (left - right) / (left + right) (0 when both are 0),
     standardized over the battles; features that do not vary are left out."""
-    left = np.array([[style_features(a)[f] for f in STYLE_FEATURES] for a, _ in responses], dtype=float)
-    right = np.array([[style_features(b)[f] for f in STYLE_FEATURES] for _, b in responses], dtype=float)
+    counts = [[list(style_features(text).values()) for text in pair] for pair in responses]
+    left, right = (np.array([c[side] for c in counts], dtype=float).reshape(-1, len(STYLE_FEATURES)) for side in (0, 1))
     total = left + right
     diff = np.divide(left - right, total, out=np.zeros_like(total), where=total > 0)
     sd = diff.std(0)

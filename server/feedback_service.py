@@ -26,7 +26,7 @@ import numpy as np
 
 from google.protobuf.json_format import MessageToJson
 
-from rlhfkit.chat import as_messages
+from rlhfkit.chat import as_messages, has_chat_template
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
 from rlhfkit.server.agreement import annotator_report
@@ -113,7 +113,7 @@ class FeedbackService(fb_grpc.FeedbackServicer):
                                        "--arena-sampling: leave sampling unset (or choose the models, as an admin)")
         self.state.check_ready()
         if source is None:
-            pair, sampling = await self._draw_pair(), self.arena_sampling
+            pair, sampling = await self._draw_pair(bool(messages)), self.arena_sampling
         elif source == "models":
             pair = (request.models.model_a, request.models.model_b)
         if source != "samples_of":
@@ -145,27 +145,29 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
                                 messages=request.messages)
 
-    def _arena_candidates(self) -> list[str]:
+    def _arena_candidates(self, chat: bool) -> list[str]:
         """Names of the policies server-chosen matchups draw from (--arena-models resolved,
-        roles to the names they point at; else every served policy)."""
+        roles to the names they point at; else every served policy); for a conversation only
+        those with a chat template (a refusal would name the drawn model)."""
         if self.arena_models:
-            names = set()
+            models = {}
             for name in self.arena_models:
                 try:
-                    names.add(self.state.registry.get(name, "policy").name)
+                    m = self.state.registry.get(name, "policy")
+                    models[m.name] = m
                 except REQUEST_ERRORS as e:  # one arena model not (yet) served: the others still play
                     log.warning("--arena-models %s: %s", name, e)
         else:
-            models, _, _ = self.state.registry.snapshot()
-            names = {m.name for m in models.values() if m.kind == "policy"}
-        return sorted(names)
+            models = {m.name: m for m in self.state.registry.snapshot()[0].values() if m.kind == "policy"}
+        return sorted(name for name, m in models.items() if not chat or has_chat_template(m.tokenizer))
 
-    async def _draw_pair(self) -> tuple[str, str]:
+    async def _draw_pair(self, chat: bool) -> tuple[str, str]:
         """Two arena models, drawn with probability proportional to the posterior variance of
         their rating difference (ratings.matchup_weights)."""
-        candidates = self._arena_candidates()
+        candidates = self._arena_candidates(chat)
         if len(candidates) < 2:
-            raise NotEnoughModelsError(f"a server-chosen matchup needs two served policies, and this server has "
+            which = "policies with a chat template (for messages)" if chat else "policies"
+            raise NotEnoughModelsError(f"a server-chosen matchup needs two served {which}, and this server has "
                                        f"{', '.join(candidates) or 'none'}: serve another (--store with two policy "
                                        "checkpoints, or --arena-models) or choose the models (admin)")
         votes = await self._db(self.store.battles)

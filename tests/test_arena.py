@@ -166,3 +166,12 @@ def test_the_leaderboard_is_finite_on_a_perfect_record(server):
     assert 1000 < top.bradley_terry < 1400 and 100 < top.bradley_terry_upper - top.bradley_terry_lower < 600
     assert all(math.isfinite(r.style_controlled) for r in board.ratings)
     assert {s.feature for s in board.style} <= {"length", "headers", "lists", "bold"}
+
+
+def test_a_conversation_is_drawn_only_between_chat_models(server):
+    """The store's tiny tokenizer has no chat template: a server-chosen matchup for messages
+    finds no pair (rather than drawing one and refusing with the drawn model's name)."""
+    with client(server, "annotator") as c:
+        req = fb.CreateComparisonRequest(messages=[{"role": "user", "content": "hi"}])
+        code, msg = status_of(lambda: c.feedback.CreateComparison(req, timeout=60))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "chat template" in msg and "has none" in msg, msg

@@ -376,8 +376,11 @@ def check_feedback_args(args):
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         args.parser.error(f"--min-agreement must be in [0, 1] (a share of votes agreeing with the majority), "
                           f"got {args.min_agreement}")
-    if args.prior_sd is not None and not (0 < args.prior_sd < float("inf")):
-        args.parser.error(f"--prior-sd must be > 0 Elo points (the prior's standard deviation), got {args.prior_sd}")
+    from rlhfkit.server.ratings import PRIOR_SD_RANGE
+
+    if args.prior_sd is not None and not (PRIOR_SD_RANGE[0] <= args.prior_sd <= PRIOR_SD_RANGE[1]):
+        args.parser.error(f"--prior-sd must be in [{PRIOR_SD_RANGE[0]:g}, {PRIOR_SD_RANGE[1]:g}] Elo points (the "
+                          f"prior's standard deviation), got {args.prior_sd}")
     if args.days is not None and not 1 <= args.days <= 366:
         args.parser.error(f"--days must be in [1, 366], got {args.days}")
     if args.bootstrap_rounds < 0:

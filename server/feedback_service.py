@@ -33,7 +33,7 @@ from rlhfkit.server.agreement import annotator_report
 from rlhfkit.server.auth import NO_CALLER, caller, is_admin
 from rlhfkit.server.errors import (REQUEST_ERRORS, LimitExceededError, NotEnoughModelsError, PermissionDeniedError)
 from rlhfkit.server.feedback import FeedbackStore
-from rlhfkit.server.ratings import PRIOR_SD, draw_matchup, matchup_weights, rate
+from rlhfkit.server.ratings import PRIOR_SD, PRIOR_SD_RANGE, draw_matchup, matchup_weights, rate
 from rlhfkit.server.service import GenerationService, RewardService, ServerState
 from rlhfkit.v1 import feedback_pb2 as fb_pb
 from rlhfkit.v1 import feedback_pb2_grpc as fb_grpc
@@ -224,8 +224,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         if rounds > limit:
             raise LimitExceededError("bootstrap_rounds", f"is {rounds}, over --max-bootstrap-rounds {limit}")
         prior_sd = request.prior_sd if request.HasField("prior_sd") else PRIOR_SD
-        if not 1 <= prior_sd <= 10_000:  # NaN fails too
-            raise InvalidArgumentError("prior_sd", f"must be in [1, 10000] Elo points, got {prior_sd}")
+        low, high = PRIOR_SD_RANGE
+        if not low <= prior_sd <= high:  # NaN fails too
+            raise InvalidArgumentError("prior_sd", f"must be in [{low:g}, {high:g}] Elo points, got {prior_sd}")
         rows = await self._db(self.store.voted_comparisons)
         votes = [(r["left_model"], r["right_model"], r["choice"]) for r in rows]
         responses = [(r["left_response"], r["right_response"]) for r in rows]

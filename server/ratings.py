@@ -37,6 +37,7 @@ import numpy as np
 ELO_K, ELO_BASE, ELO_SCALE, ELO_INIT = 4.0, 10.0, 400.0, 1000.0
 ELO_PER_NAT = ELO_SCALE / math.log(ELO_BASE)  # 173.7: Elo points per unit of natural-log strength
 PRIOR_SD = 200.0  # Elo: before any vote, 95% of models within +-400 of the mean (win odds 1:10..10:1)
+PRIOR_SD_RANGE = (1.0, 10_000.0)  # Elo; what GetLeaderboard and --prior-sd accept
 Z95 = 1.959963984540054
 # Maximum likelihood (prior_sd None) keeps a whisper of L2 so a model that never won stays
 # finite (FastChat's LogisticRegression has C=1e6 for the same reason).
@@ -69,16 +70,32 @@ def online_elo(battles: list[tuple[str, str, float]], k: float = ELO_K) -> dict[
 def fit_logistic(X: np.ndarray, y: np.ndarray, weight: np.ndarray, precision: np.ndarray,
                  beta: np.ndarray | None = None, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Maximum a posteriori of P(y = 1) = sigmoid(X @ beta) with y in [0, 1] (ties 0.5), rows
-    weighted, and a N(0, 1/precision) prior on each coefficient, by Newton's method. Returns
-    beta and the negative Hessian of the log-posterior there (the Laplace precision)."""
+    weighted, and a N(0, 1/precision) prior on each coefficient, by Newton's method with step
+    halving (a full step from a warm start far from the optimum can overshoot and run off).
+    Returns beta and the negative Hessian of the log-posterior there (the Laplace precision)."""
+
+    def log_posterior(b):
+        z = X @ b  # y log p + (1 - y) log(1 - p), with log p = -log(1 + e^-z), without overflow
+        return -(weight * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))).sum() - 0.5 * (precision * b * b).sum()
+
     beta = np.zeros(X.shape[1]) if beta is None else beta.copy()
-    for _ in range(iters + 1):
+    value = log_posterior(beta)
+    for _ in range(iters):
         p = 0.5 * (1 + np.tanh(0.5 * (X @ beta)))  # sigmoid without overflow
         hess = (X * (weight * p * (1 - p))[:, None]).T @ X + np.diag(precision)
-        step = np.linalg.solve(hess, X.T @ (weight * (y - p)) - precision * beta)
+        grad = X.T @ (weight * (y - p)) - precision * beta
+        step = np.linalg.solve(hess, grad)
         if np.abs(step).max() < 1e-10:
             break
-        beta += step
+        for _ in range(60):  # the log-posterior is concave: some fraction of a Newton step raises it
+            new = log_posterior(beta + step)
+            if new >= value - 1e-12 * abs(value):
+                break
+            step = step / 2
+        beta, value = beta + step, new
+    else:
+        raise ArithmeticError(f"Bradley-Terry fit did not converge in {iters} Newton steps (gradient "
+                              f"{np.abs(grad).max():.3g})")
     return beta, hess
 
 
@@ -193,8 +210,8 @@ def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: i
     """votes: (left_model, right_model, choice) in vote order, choice one of left, right,
     tie, both_bad; responses: the (left, right) texts of each vote, for style control. A vote
     between a model and itself is not a battle."""
-    if not prior_sd > 0:
-        raise ValueError(f"prior_sd must be > 0 Elo points, got {prior_sd}")
+    if not PRIOR_SD_RANGE[0] <= prior_sd <= PRIOR_SD_RANGE[1]:  # NaN fails too
+        raise ValueError(f"prior_sd must be in [{PRIOR_SD_RANGE[0]:g}, {PRIOR_SD_RANGE[1]:g}] Elo points, got {prior_sd}")
     battles = _battles(votes, responses)
     models = sorted({x for a, b, *_ in battles for x in (a, b)})
     index = {name: i for i, name in enumerate(models)}

@@ -363,3 +363,28 @@ def test_cap_and_report_over_grpc(capped, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "2 annotators, 3 votes; cap 2 votes per annotator per UTC day"
     assert out[2].split() == ["ann", "2", "2", "-", "-"]
+
+
+def test_concurrent_votes_do_not_overrun_the_cap(url):
+    """16 threads vote at once against a cap of 5: exactly 5 are stored (review found 9
+    when the count and the insert were separate steps). On PostgreSQL the threads go through
+    two store objects, as two replicas would, held together by the advisory lock."""
+    import concurrent.futures
+
+    replicas = [FeedbackStore(url)] + ([FeedbackStore(url)] if url.startswith("postgresql") else [])
+    try:
+        cids = [comparison(replicas[0], i) for i in range(40)]
+
+        def vote(i):
+            try:
+                return replicas[i % len(replicas)].add_vote(cids[i], "left", "ann", max_per_day=5)
+            except QuotaExceededError:
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            accepted = [v for v in pool.map(vote, range(40)) if v is not None]
+        stored = [r for r in replicas[0].voted_comparisons() if r["annotator_id"] == "ann"]
+    finally:
+        for s in replicas:
+            s.close()
+    assert len(accepted) == len(stored) == 5

@@ -175,3 +175,10 @@ def test_a_conversation_is_drawn_only_between_chat_models(server):
         req = fb.CreateComparisonRequest(messages=[{"role": "user", "content": "hi"}])
         code, msg = status_of(lambda: c.feedback.CreateComparison(req, timeout=60))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "chat template" in msg and "has none" in msg, msg
+
+
+@pytest.mark.parametrize("prior_sd", [0.0, 0.5, 20_000.0, float("nan"), float("inf")])
+def test_a_bad_prior_sd_is_refused_with_its_range(server, prior_sd):
+    with client(server, "client") as c:
+        code, msg = status_of(lambda: c.leaderboard(5, prior_sd=prior_sd))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("prior_sd: must be in [1, 10000] Elo"), msg

@@ -96,8 +96,8 @@ def test_cli_leaderboard_png(server, tmp_path, capsys):
     assert image.shape == (450, 1200, 4) and image[..., :3].var() > 0.01
     cmap = matplotlib.colormaps[WIN_RATE_CMAP]
     assert pixels_near(image, cmap(5 / 6)) > 5000 and pixels_near(image, cmap(3.5 / 4)) > 5000
-    for bad, message in (("0", "--prior-sd must be > 0"), ("-5", "--prior-sd must be > 0"),
-                         ("inf", "--prior-sd must be > 0")):
+    for bad in ("0", "-5", "inf", "nan", "0.5", "20000"):  # the server's range, checked before calling it
+        message = "--prior-sd must be in [1, 10000] Elo points"
         with pytest.raises(SystemExit) as e:
             cli_main(["feedback", "leaderboard", "--address", server.address, "--prior-sd", bad])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -244,3 +244,32 @@ def test_matchup_weights_by_hand():
     assert draws.count(("A", "B")) / 20000 == pytest.approx(ab / (ab + 2 * ac), abs=0.01)  # 0.117
     # Nothing voted yet: every pair equally uncertain.
     assert len(set(matchup_weights([], ["A", "B", "C"]).values())) == 1
+
+
+def test_a_fit_from_a_far_start_converges_to_the_same_optimum():
+    """The bootstrap starts each refit from the full data's fit; for a resample that dropped a
+    model's only battles that start is far off, and plain Newton ran off to 1e6 Elo (found in
+    review). With step halving the fit from anywhere is the fit from zero."""
+    from rlhfkit.server.ratings import fit_logistic, pair_rows
+
+    votes = [("m4", "m0", "tie"), ("m4", "m2", "left"), ("m1", "m4", "left"), ("m0", "m3", "left"),
+             ("m4", "m0", "left"), ("m1", "m0", "left"), ("m1", "m2", "left"), ("m2", "m0", "left"),
+             ("m2", "m4", "right"), ("m2", "m0", "left")]
+    names = sorted({x for a, b, _ in votes for x in (a, b)})
+    wins = np.zeros((5, 5))
+    for a, b, c in votes:
+        s = {"left": 1.0, "right": 0.0}.get(c, 0.5)
+        wins[names.index(a), names.index(b)] += s
+        wins[names.index(b), names.index(a)] += 1 - s
+    X, y, w = pair_rows(wins)
+    precision = np.full(5, (NAT / 10_000) ** 2)  # the widest prior the server accepts
+    from_zero, _ = fit_logistic(X, y, w, precision)
+    for start in (np.full(5, 40.0), np.array([60.0, -60, 30, -30, 0])):
+        far, _ = fit_logistic(X, y, w, precision, start)
+        assert far == pytest.approx(from_zero, abs=1e-6)
+    p = 1 / (1 + np.exp(-(X @ from_zero)))
+    assert np.abs(X.T @ (w * (y - p)) - precision * from_zero).max() < 1e-8  # the score equations hold
+    for x in rate(votes, bootstrap_rounds=100, seed=0, prior_sd=10_000).ratings:
+        assert -10_000 < x.lower < x.bradley_terry < x.upper < 12_000, x  # was -3191..1152293 for m1
+    with pytest.raises(ValueError, match=r"prior_sd must be in \[1, 10000\]"):
+        rate(votes, prior_sd=float("inf"))

@@ -35,7 +35,7 @@ from rlhfkit.server.engine import Engine
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.feedback_service import FeedbackService
 from rlhfkit.server.http import HttpSide
-from rlhfkit.server.limits import RequestLimits
+from rlhfkit.server.limits import RequestLimits, check_sampling
 from rlhfkit.server.metrics import ServerMetrics
 from rlhfkit.server.registry import ModelRegistry
 from rlhfkit.server.store import CheckpointRef, ModelStore, read_checkpoint
@@ -156,6 +156,7 @@ class ServeConfig(RequestLimits):
             raise ValueError(f"arena_sampling: n must be unset or 1 (one response per side), got {params.n}")
         try:
             sampling_from_proto(params)  # SamplingParams validates every field
+            check_sampling("", params, self)  # and the request limits (--max-stop, ...)
         except InvalidArgumentError as e:
             raise ValueError(f"arena_sampling: {e}") from None
         return params
@@ -317,6 +318,7 @@ class RlhfkitServer:
         self.state.registry.shutdown()
         self.state.shutdown()
         self.feedback.ratings_pool.shutdown(wait=False, cancel_futures=True)
+        self.feedback.matchup_pool.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http:
             self._metrics_http.shutdown()
         self.feedback_store.close()

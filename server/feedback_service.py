@@ -31,7 +31,8 @@ from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
 from rlhfkit.server.agreement import annotator_report
 from rlhfkit.server.auth import NO_CALLER, caller, is_admin
-from rlhfkit.server.errors import (REQUEST_ERRORS, LimitExceededError, NotEnoughModelsError, PermissionDeniedError)
+from rlhfkit.server.errors import (REQUEST_ERRORS, EngineStoppedError, LimitExceededError, ModelNotFoundError,
+                                   NotEnoughModelsError, PermissionDeniedError)
 from rlhfkit.server.feedback import FeedbackStore
 from rlhfkit.server.ratings import PRIOR_SD, PRIOR_SD_RANGE, draw_matchup, matchup_weights, rate
 from rlhfkit.server.service import GenerationService, RewardService, ServerState
@@ -60,6 +61,8 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         # Bootstrapped ratings take seconds of CPU: one at a time, and never in the pool the
         # store's writes (votes) go through.
         self.ratings_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-ratings")
+        # A matchup's small fit (25 ms at 10,000 votes) must not wait behind a leaderboard.
+        self.matchup_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlhfkit-matchups")
 
     async def _db(self, fn, *args):
         """Store calls block (disk, network): off the event loop, in the default pool."""
@@ -112,28 +115,19 @@ class FeedbackService(fb_grpc.FeedbackServicer):
             raise InvalidArgumentError("sampling", "a server-chosen matchup decodes with the server's "
                                        "--arena-sampling: leave sampling unset (or choose the models, as an admin)")
         self.state.check_ready()
-        if source is None:
-            pair, sampling = await self._draw_pair(bool(messages)), self.arena_sampling
-        elif source == "models":
-            pair = (request.models.model_a, request.models.model_b)
-        if source != "samples_of":
-            for model in pair:  # both known before decoding either
-                self.state.registry.get(model, "policy")
-            # Both validated and queued before either is awaited: a prompt one model refuses (no
-            # chat template, too long for its context) must not leave the other decoding for nothing.
-            first = await self._submit(pair[0], request, 1, sampling)
-            try:
-                second = await self._submit(pair[1], request, 1, sampling)
-            except BaseException:  # a refusal, or the call cancelled while the second was tokenized
-                first[0].abort(first[1])
-                raise
-            pair = await asyncio.gather(self._collect(first, 1), self._collect(second, 1))
-            responses = [pair[0][0], pair[1][0]]
-        else:
+        if source == "models":
+            responses = await self._two_models((request.models.model_a, request.models.model_b), request, sampling)
+        elif source == "samples_of":
             if request.sampling.temperature <= 0:
                 raise InvalidArgumentError("sampling.temperature", "two samples of one model need temperature > 0 "
                                            "(greedy decoding gives the same text twice)")
             responses = await self._collect(await self._submit(request.samples_of, request, 2, sampling), 2)
+        else:
+            pair, sampling = await self._draw_pair(bool(messages)), self.arena_sampling
+            try:
+                responses = await self._two_models(pair, request, sampling)
+            except (ModelNotFoundError, EngineStoppedError):  # reloaded since the draw: these would name it
+                raise EngineStoppedError("a model of this matchup was replaced while it was drawn; retry") from None
         if secrets.randbelow(2):  # sides at random: position must not tell the annotator who answered
             responses.reverse()
         left, right = responses
@@ -144,6 +138,21 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         self.state.metrics.feedback_comparisons.labels(source).inc()
         return fb_pb.Comparison(comparison_id=comparison_id, prompt=request.prompt, left=left[2], right=right[2],
                                 messages=request.messages)
+
+    async def _two_models(self, pair: tuple[str, str], request, sampling) -> list[tuple[str, str, str]]:
+        """One response from each model of the pair."""
+        for model in pair:  # both known before decoding either
+            self.state.registry.get(model, "policy")
+        # Both validated and queued before either is awaited: a prompt one model refuses (no
+        # chat template, too long for its context) must not leave the other decoding for nothing.
+        first = await self._submit(pair[0], request, 1, sampling)
+        try:
+            second = await self._submit(pair[1], request, 1, sampling)
+        except BaseException:  # a refusal, or the call cancelled while the second was tokenized
+            first[0].abort(first[1])
+            raise
+        texts = await asyncio.gather(self._collect(first, 1), self._collect(second, 1))
+        return [texts[0][0], texts[1][0]]
 
     def _arena_candidates(self, chat: bool) -> list[str]:
         """Names of the policies server-chosen matchups draw from (--arena-models resolved,
@@ -171,7 +180,7 @@ class FeedbackService(fb_grpc.FeedbackServicer):
                                        f"{', '.join(candidates) or 'none'}: serve another (--store with two policy "
                                        "checkpoints, or --arena-models) or choose the models (admin)")
         votes = await self._db(self.store.battles)
-        weights = await asyncio.get_running_loop().run_in_executor(self.ratings_pool, matchup_weights, votes, candidates)
+        weights = await asyncio.get_running_loop().run_in_executor(self.matchup_pool, matchup_weights, votes, candidates)
         return draw_matchup(weights, self.rng)
 
     async def _rewards(self, request, left: str, right: str) -> tuple[tuple[float, float] | None, str | None]:

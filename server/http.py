@@ -445,8 +445,9 @@ class HttpSide:
                             headers={"WWW-Authenticate": "Bearer"})
 
     def check_host_and_origin(self, h):
-        """A browser sends Host and Origin as it sees them: a page of another site (Origin), or
-        another site's name resolving to this address (DNS rebinding: Host), is refused."""
+        """A browser sends Host and Origin as it sees them: a page of another site (Origin), a
+        request it marks cross-site without an Origin (Sec-Fetch-Site), or another site's name
+        resolving to this address (DNS rebinding: Host), is refused."""
         names = self.own_names | {h.connection.getsockname()[0].lower()}
         own = {(self.scheme, n, self.port) for n in names} | self.allowed_origins
         hosts = h.headers.get_all("Host") or []
@@ -460,6 +461,11 @@ class HttpSide:
         origin = h.headers.get("Origin")
         if origin is not None and parse_origin(origin) not in own:
             raise HttpError(403, f"Origin {shortened(origin)!r} may not call this API (--allowed-origins)")
+        # An <img> or a link on another site's page sends no Origin, but browsers mark it
+        # cross-site: it must not make the server work (a leaderboard of 1,000 rounds) for it.
+        if origin is None and h.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise HttpError(403, "a cross-site request without an Origin (another site's <img> or link) may not "
+                                 "call this API")
 
     def identify(self, h, route: Route):
         if self.tokens is None:

@@ -23,7 +23,7 @@ class RequestLimits:
     max_stop: int = field(default=16, metadata={"help": "most stop strings, and most stop token ids, in one request"})
     max_stop_chars: int = field(default=256, metadata={"help": "longest stop string, in characters"})
     max_id_chars: int = field(default=256, metadata={"help": "longest request_id, model, comparison or annotator name, in characters"})
-    max_bootstrap_rounds: int = field(default=1000, metadata={"help": "most bootstrap rounds one GetLeaderboard may ask for (each costs about 1 ms of CPU)"})
+    max_bootstrap_rounds: int = field(default=1000, metadata={"help": "most bootstrap rounds one GetLeaderboard may ask for (a plain round costs about 1 ms of CPU; the style-controlled fit uses at most 100, each refitting every battle: 10 ms at 10,000 votes)"})
     max_http_connections: int = field(default=64, metadata={"help": "most HTTP connections served at once; more wait for a free one"})
     http_read_timeout: float = field(default=10.0, metadata={"help": "seconds an HTTP client may take to send its request before the connection is closed"})
 

@@ -21,8 +21,10 @@ both bad: FastChat counts "tie (bothbad)" as a tie too). Ratings are on the Elo 
   covariates' coefficients are reported in Elo points per standard deviation.
 
 Server-chosen matchups draw the pair (a, b) with probability proportional to the posterior
-variance of r_a - r_b: pairs never compared (or compared least, relative to how close they
-are) come up most, and every pair keeps some chance.
+variance of r_a - r_b: the pairs whose rating difference is least known (never compared, or
+compared least) come up most, and every pair keeps some chance. It is the variance of the
+difference, not the chance that their order is wrong: a lopsided pair tells less per game
+(p(1 - p) is small), so it keeps more weight than an even pair with as many games.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ELO_K, ELO_BASE, ELO_SCALE, ELO_INIT = 4.0, 10.0, 400.0, 1000.0
 ELO_PER_NAT = ELO_SCALE / math.log(ELO_BASE)  # 173.7: Elo points per unit of natural-log strength
 PRIOR_SD = 200.0  # Elo: before any vote, 95% of models within +-400 of the mean (win odds 1:10..10:1)
 PRIOR_SD_RANGE = (1.0, 10_000.0)  # Elo; what GetLeaderboard and --prior-sd accept
+STYLE_BOOTSTRAP_ROUNDS = 100  # at most, for the style-controlled fit: each round refits every battle
 Z95 = 1.959963984540054
 # Maximum likelihood (prior_sd None) keeps a whisper of L2 so a model that never won stays
 # finite (FastChat's LogisticRegression has C=1e6 for the same reason).
@@ -234,7 +237,8 @@ def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: i
     elo = online_elo([(a, b, s) for a, b, s, *_ in battles])
     rng = np.random.default_rng(seed)
     bt, lower, upper = _plain_fit(battles, index, prior_sd, bootstrap_rounds, rng)
-    style_fit = _style_fit(battles, index, prior_sd, bootstrap_rounds, rng) if responses is not None and m else None
+    style_fit = (_style_fit(battles, index, prior_sd, min(bootstrap_rounds, STYLE_BOOTSTRAP_ROUNDS), rng)
+                 if responses is not None and m else None)
     ratings = []
     for i, name in enumerate(models):
         r = Rating(name, elo[name], float(bt[i]), float(lower[i]), float(upper[i]), int(games[i].sum()), **counts[name])
@@ -247,7 +251,8 @@ def rate(votes: list[tuple[str, str, str]], bootstrap_rounds: int = 100, seed: i
 
 
 def _interval(estimate, sd, samples) -> tuple[np.ndarray, np.ndarray]:
-    """The wider of the Laplace interval (estimate +- 1.96 sd) and the bootstrap percentiles."""
+    """The interval spanning both the Laplace one (estimate +- 1.96 sd) and the bootstrap's
+    2.5-97.5 percentiles: the lower of the two lower ends to the higher of the upper ends."""
     lower, upper = estimate - Z95 * sd, estimate + Z95 * sd
     if len(samples):
         lower = np.minimum(lower, np.percentile(samples, 2.5, axis=0))

@@ -332,7 +332,7 @@ def test_leaderboard_draws_intervals_and_win_rates(board_server, battles, browse
     assert [r[0] for r in style] == [s["feature"] for s in battles["style"]] and style
     assert browser.find_element(By.ID, "prior-sd").text == f"{battles['prior_sd']:.0f}"
     note = browser.find_element(By.CSS_SELECTOR, "main .note").text
-    assert "Laplace" in note and "bootstrap" in note and "wider" in note
+    assert "Laplace" in note and "bootstrap" in note and "spans two" in note
     screenshot(browser, tmp_path, "leaderboard.png")
     assert script_errors(browser) == []
 

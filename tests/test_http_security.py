@@ -184,6 +184,16 @@ def test_only_json_bodies_are_accepted(server, content_type):
     assert status == 200 and stored(server)[0] == before[0] + 1
 
 
+def test_a_cross_site_request_without_an_origin_is_refused(open_server):
+    """Another site's <img src=".../api/leaderboard?bootstrap_rounds=1000"> sends no Origin but
+    Sec-Fetch-Site: cross-site (browsers since 2020); the page's own calls say same-origin."""
+    path = "/api/leaderboard?bootstrap_rounds=1000"
+    status, _, reply = call(open_server, "GET", path, headers={"Sec-Fetch-Site": "cross-site"})
+    assert (status, reply["code"]) == (403, "PERMISSION_DENIED") and "cross-site" in reply["error"]
+    for site in ("same-origin", "none", None):  # none: typed in the address bar; None: not a browser
+        assert call(open_server, "GET", "/api/leaderboard", headers={"Sec-Fetch-Site": site})[0] == 200, site
+
+
 def test_foreign_origin_and_host_are_refused(server):
     port = server.http_port
     before = stored(server)

@@ -17,7 +17,7 @@ from rlhfkit.clients.client import comparison_request, leaderboard_request
 from rlhfkit.server.agreement import annotator_report
 from rlhfkit.server.errors import QuotaExceededError
 from rlhfkit.server.feedback import FeedbackStore, VoteConflictError, database_url, utc_midnight, votes
-from test_feedback_store import postgres_schema
+from test_feedback_store import first_votes_table, postgres_schema
 
 
 def utc(*args) -> float:
@@ -84,16 +84,7 @@ def previous_schema(metadata):
                for side in ("left", "right") for what in ("model", "model_version", "response")),
              sa.Column("sampling", sa.Text, nullable=False),
              sa.Column("messages", sa.Text, nullable=True))
-    sa.Table("rlhfkit_votes", metadata,
-             sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-             sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
-             sa.Column("comparison_id", sa.String(32), sa.ForeignKey("rlhfkit_comparisons.comparison_id"),
-                       nullable=False),
-             sa.Column("annotator_id", sa.Text, nullable=False),
-             sa.Column("choice", sa.String(16), nullable=False),
-             sa.Column("rationale", sa.Text),
-             sa.Column("created_at", sa.Float, nullable=False),
-             sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"))
+    first_votes_table(metadata)
     return metadata
 
 

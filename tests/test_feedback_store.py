@@ -206,17 +206,22 @@ def old_schema(metadata):
              sa.Column("right_model_version", sa.Text, nullable=False),
              sa.Column("right_response", sa.Text, nullable=False),
              sa.Column("sampling", sa.Text, nullable=False))
-    sa.Table("rlhfkit_votes", metadata,
-             sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-             sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
-             sa.Column("comparison_id", sa.String(32), sa.ForeignKey("rlhfkit_comparisons.comparison_id"),
-                       nullable=False),
-             sa.Column("annotator_id", sa.Text, nullable=False),
-             sa.Column("choice", sa.String(16), nullable=False),
-             sa.Column("rationale", sa.Text),
-             sa.Column("created_at", sa.Float, nullable=False),
-             sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"))
+    first_votes_table(metadata)
     return metadata
+
+
+def first_votes_table(metadata: sa.MetaData) -> sa.Table:
+    """The votes table as the first release created it (unchanged since)."""
+    return sa.Table("rlhfkit_votes", metadata,
+                    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                    sa.Column("vote_id", sa.String(32), nullable=False, unique=True),
+                    sa.Column("comparison_id", sa.String(32), sa.ForeignKey("rlhfkit_comparisons.comparison_id"),
+                              nullable=False),
+                    sa.Column("annotator_id", sa.Text, nullable=False),
+                    sa.Column("choice", sa.String(16), nullable=False),
+                    sa.Column("rationale", sa.Text),
+                    sa.Column("created_at", sa.Float, nullable=False),
+                    sa.UniqueConstraint("comparison_id", "annotator_id", name="rlhfkit_one_vote_per_annotator"))
 
 
 def test_messages_round_trip(store, url):

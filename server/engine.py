@@ -25,6 +25,7 @@ from rlhfkit.chat import end_token_ids
 from rlhfkit.hf import cache_kwargs, output_cache
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.kernels import SamplingParams, logprobs_from_logits, sample_tokens, sampling_tensors
+from rlhfkit.server.detokenizer import IncrementalDetokenizer
 from rlhfkit.server.errors import EngineStoppedError, QueueFullError
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
@@ -55,6 +56,7 @@ class Sequence:
     generator: torch.Generator | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None
     emitted_chars: int = 0
     finish_reason: str | None = None
     stop_reason: str = ""
@@ -159,7 +161,8 @@ class Engine:
                     on_output: Callable[[list[SequenceOutput]], None], request_id: str = "") -> Request:
         self.validate_prompt(prompt_ids, params)
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, on_output)
-        req.sequences = [Sequence(req, i, params.generator(i, self.device)) for i in range(params.n)]
+        req.sequences = [Sequence(req, i, params.generator(i, self.device), detokenizer=IncrementalDetokenizer(self.tokenizer))
+                         for i in range(params.n)]
         with self._cv:
             if self._stopping or self._draining:
                 raise EngineStoppedError(f"{self.lm.model_version} is no longer accepting requests")
@@ -385,14 +388,15 @@ class Engine:
                 self.metrics.e2e_request_latency.observe(now - req.arrival_time)
 
     def _new_text(self, seq: Sequence) -> str:
-        """Text to emit now: decoded so far, minus a tail that could still become a stop
-        string or is an incomplete character; everything left once the sequence ends."""
+        """Text to emit now: decoded so far (incrementally: constant work per token), minus a
+        tail that could still become a stop string or is an incomplete character; everything
+        left once the sequence ends."""
         params = seq.request.params
         stops = params.stop
-        ids = seq.token_ids
-        if seq.stop_token_id is not None and not params.include_stop_str_in_output:
-            ids = ids[:-1]  # the stop token's text is not part of the reply (vLLM's rule)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # The stop token's text is not part of the reply (vLLM's rule).
+        excluded = seq.stop_token_id is not None and not params.include_stop_str_in_output
+        seq.detokenizer.add(None if excluded else seq.token_ids[-1], final=seq.finish_reason is not None)
+        text = seq.detokenizer.text
         if stops and seq.stop_token_id is None:
             # Search only where a stop string could newly appear.
             start = max(0, seq.emitted_chars - max(map(len, stops)))
@@ -406,8 +410,6 @@ class Engine:
             end = len(text)
         else:
             end = len(text) - (max(map(len, stops)) - 1 if stops else 0)
-            while end > seq.emitted_chars and text[end - 1] == "\ufffd":
-                end -= 1  # a multi-byte character still being assembled
         new = text[seq.emitted_chars:end] if end > seq.emitted_chars else ""
         seq.emitted_chars = max(seq.emitted_chars, end)
         return new

@@ -85,6 +85,8 @@ class ServeConfig(RequestLimits):
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded together in one batch"})
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting for a batch slot; more get RESOURCE_EXHAUSTED"})
     max_prefill_tokens: int = field(default=512, metadata={"help": "native engine: most prompt tokens prefilled in one step; waiting prompts are grouped up to it, and a longer prompt is prefilled in chunks of it between decode steps. Smaller: earlier first tokens and steadier inter-token latency under load; larger: more throughput"})
+    prefix_cache_tokens: int = field(default=16384, metadata={"help": "native engine: K/V of prompt (and reply) prefixes kept for later requests that start with the same tokens, "
+                                                                     "in tokens (blocks of 16, least recently used evicted first; 0: off). Memory: tokens x layers x 2 x kv_heads x head_dim x dtype size"})
     seed: int | None = field(default=None, metadata={"help": "seed for requests that bring none (reproducible server runs)"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on shutdown, how long calls in flight may take to finish"})
     auth_tokens: str | None = field(default=None, metadata={"help": "JSON file of bearer tokens {\"TOKEN\": {\"name\": ..., \"role\": client|annotator|admin}} "
@@ -118,6 +120,8 @@ class ServeConfig(RequestLimits):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0 (0: off), got {self.prefix_cache_tokens}")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.feedback_db is None:
@@ -207,7 +211,8 @@ def make_engine(config: ServeConfig, lm, metrics):
 
         return VllmEngine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed,
                           config.gpu_memory_utilization)
-    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed, config.max_prefill_tokens)
+    return Engine(lm, config.max_num_seqs, config.max_waiting, metrics, config.seed, config.max_prefill_tokens,
+                  config.prefix_cache_tokens)
 
 
 class RlhfkitServer:

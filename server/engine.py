@@ -6,6 +6,8 @@ cache), and every running sequence decodes one token with its own sampling param
 (rlhfkit.kernels.sample_tokens). Attention masks and per-row position ids keep each row's
 numbers what they would be alone, so mixed prompt lengths do not change greedy results.
 The KV cache (server/kv_cache.py) never copies the whole batch when membership changes.
+With prefix caching (server/prefix_cache.py) a prompt that starts with cached blocks is
+prefilled from the end of its cached prefix only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rlhfkit.server.detokenizer import IncrementalDetokenizer
 from rlhfkit.server.errors import EngineStoppedError, QueueFullError
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
+from rlhfkit.server.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Request:
     first_token_time: float | None = None
     cancelled: bool = False
     sequences: list[Sequence] = field(default_factory=list)
+    cached: list = field(default_factory=list)  # prefix-cache blocks its prompt starts with (set at admission)
 
     @property
     def finished(self) -> bool:
@@ -125,7 +129,8 @@ class Engine:
     """
 
     def __init__(self, lm: LoadedModel, max_num_seqs: int = 64, max_waiting: int = 1024,
-                 metrics=None, seed: int | None = None, max_prefill_tokens: int = 512):
+                 metrics=None, seed: int | None = None, max_prefill_tokens: int = 512,
+                 prefix_cache_tokens: int = 0, prefix_block_size: int = 16):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -140,6 +145,10 @@ class Engine:
         self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
         self.default_generator = torch.Generator(device=self.device)
         self.default_generator.manual_seed(seed if seed is not None else torch.seed())
+        # Sliding-window layers keep only their window of K/V semantics per row; the prefix
+        # cache is verified for full attention only, so such models run without it.
+        self.prefix_cache = (PrefixCache(prefix_cache_tokens, prefix_block_size)
+                             if prefix_cache_tokens >= prefix_block_size and not lm.attention.sliding else None)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Sequence] = []  # row b of the cache is self._running[b]
         self._cache: SlotKVCache | None = None
@@ -226,10 +235,12 @@ class Engine:
                 admitted = []
                 while self._waiting and not self._partial:
                     req = self._waiting[0]
-                    cost = len(req.prompt_ids)  # prefilled once for all its completions
                     if req.cancelled:
                         self._waiting.popleft()
                         continue
+                    if self.prefix_cache is not None and not req.cached:
+                        req.cached = self.prefix_cache.lookup(req.prompt_ids)
+                    cost = self._uncached(req)  # prefilled once for all its completions
                     if admitted and cost > budget or len(req.sequences) > free and (admitted or self._running):
                         break
                     admitted.append(self._waiting.popleft())
@@ -263,18 +274,59 @@ class Engine:
                 for req in admitted:
                     self.metrics.request_queue_time.observe(now - req.arrival_time)
                     self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-            if len(admitted[0].prompt_ids) > self.max_prefill_tokens:
-                self._partial = PartialPrefill(admitted[0], DynamicCache())
+                    if self.prefix_cache is not None:  # vLLM's meaning: prompt tokens looked up, and found
+                        self.metrics.prefix_cache_queries.inc(len(req.prompt_ids))
+                        self.metrics.prefix_cache_hits.inc(len(req.cached) * self.prefix_cache.block_size)
+            if self._uncached(admitted[0]) > self.max_prefill_tokens:
+                self._partial = PartialPrefill(admitted[0], *self._cached_prefix(admitted[0]))
                 self._prefill_chunk()
             else:
-                self._prefill(admitted)
+                # Prompts with a cached prefix are prefilled one by one from its end; the
+                # others together, as one left-padded batch.
+                for req in admitted:
+                    if req.cached:
+                        self._partial = PartialPrefill(req, *self._cached_prefix(req))
+                        self._prefill_chunk()
+                misses = [r for r in admitted if not r.cached]
+                if misses:
+                    self._prefill(misses)
         elif self._partial and not (self._running and self._partial.decode_turn):
             self._prefill_chunk()
         elif self._running:
             self._decode()
             if self._partial:
                 self._partial.decode_turn = False
-        self._remove([i for i, s in enumerate(self._running) if s.finish_reason])
+        finished = [i for i, s in enumerate(self._running) if s.finish_reason]
+        self._remember(finished)
+        self._remove(finished)
+
+    def _uncached(self, req: Request) -> int:
+        return len(req.prompt_ids) - len(req.cached) * (self.prefix_cache.block_size if self.prefix_cache else 0)
+
+    def _cached_prefix(self, req: Request) -> tuple[DynamicCache, int]:
+        """A prefill cache holding the request's cached prefix, and its length."""
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            if req.cached:
+                cache.update(*PrefixCache.stacked(req.cached, layer), layer)
+        return cache, len(req.prompt_ids) - self._uncached(req)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    def _remember(self, rows: list[int]):
+        """Put the finished rows' prompts and replies in the prefix cache (K/V of positions
+        0..lens[b]-1: the last sampled token has none yet)."""
+        if self.prefix_cache is None:
+            return
+        for b in rows:
+            seq = self._running[b]
+            if seq.request.cancelled:
+                continue
+            n, c = self._cache.lens[b], self._cache
+            self.prefix_cache.insert(seq.request.prompt_ids + seq.token_ids, n, self.num_layers,
+                                     lambda layer, i, j: (c.k[layer][b, :, i:j], c.v[layer][b, :, i:j]))
 
     def _remove(self, rows: list[int]):
         if rows:
@@ -298,7 +350,13 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, DynamicCache()),
                          use_cache=True, logits_to_keep=1)
-        self._join(requests, out.logits[:, -1], output_cache(out), lens)
+        prefill = output_cache(out)
+        if self.prefix_cache is not None:
+            for row, r in enumerate(requests):
+                off = L - lens[row]  # left padding
+                self.prefix_cache.insert(r.prompt_ids, lens[row], self.num_layers, lambda layer, i, j: (
+                    prefill.layers[layer].keys[row, :, off + i:off + j], prefill.layers[layer].values[row, :, off + i:off + j]))
+        self._join(requests, out.logits[:, -1], prefill, lens)
 
     def _prefill_chunk(self):
         """The next max_prefill_tokens of the long prompt being prefilled; after the last
@@ -316,6 +374,10 @@ class Engine:
         p.done, p.decode_turn = end, True
         if end == len(req.prompt_ids):
             self._partial = None
+            if self.prefix_cache is not None:
+                cache = p.cache
+                self.prefix_cache.insert(req.prompt_ids, end, self.num_layers, lambda layer, i, j: (
+                    cache.layers[layer].keys[0, :, i:j], cache.layers[layer].values[0, :, i:j]))
             self._join([req], out.logits[:, -1], p.cache, [end])
 
     def _join(self, requests: list[Request], last_logits: torch.Tensor, prefill: DynamicCache, lens: list[int]):

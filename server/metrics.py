@@ -33,6 +33,10 @@ class ServerMetrics:
             "rlhfkit:num_requests_waiting", "Requests waiting for a slot in the batch.", registry=r)
         self.prompt_tokens = Counter(
             "rlhfkit:prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prefix_cache_queries = Counter(
+            "rlhfkit:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's meaning).", registry=r)
+        self.prefix_cache_hits = Counter(
+            "rlhfkit:prefix_cache_hits", "Prompt tokens found in the prefix cache, not prefilled again.", registry=r)
         self.generation_tokens = Counter(
             "rlhfkit:generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter(

@@ -238,7 +238,7 @@ class Engine:
                     if req.cancelled:
                         self._waiting.popleft()
                         continue
-                    if self.prefix_cache is not None and not req.cached:
+                    if self.prefix_cache is not None:  # again each time: slots may have been reused since
                         req.cached = self.prefix_cache.lookup(req.prompt_ids)
                     cost = self._uncached(req)  # prefilled once for all its completions
                     if admitted and cost > budget or len(req.sequences) > free and (admitted or self._running):
@@ -282,11 +282,12 @@ class Engine:
                 self._prefill_chunk()
             else:
                 # Prompts with a cached prefix are prefilled one by one from its end; the
-                # others together, as one left-padded batch.
-                for req in admitted:
-                    if req.cached:
-                        self._partial = PartialPrefill(req, *self._cached_prefix(req))
-                        self._prefill_chunk()
+                # others together, as one left-padded batch. Every cached prefix is read
+                # before the first prefill inserts blocks (which may reuse their slots).
+                hits = [PartialPrefill(r, *self._cached_prefix(r)) for r in admitted if r.cached]
+                for partial in hits:
+                    self._partial = partial
+                    self._prefill_chunk()
                 misses = [r for r in admitted if not r.cached]
                 if misses:
                     self._prefill(misses)
@@ -308,7 +309,7 @@ class Engine:
         cache = DynamicCache()
         for layer in range(self.num_layers):
             if req.cached:
-                cache.update(*PrefixCache.stacked(req.cached, layer), layer)
+                cache.update(*self.prefix_cache.stacked(req.cached, layer), layer)
         return cache, len(req.prompt_ids) - self._uncached(req)
 
     @property

@@ -86,6 +86,12 @@ def run(engine, ids, n=N, **sampling):
     return tokens
 
 
+def idle(engine):
+    while engine.num_running or engine.num_waiting:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.1)
+
+
 @pytest.fixture()
 def engine(lm):
     e = Engine(lm, prefix_cache_tokens=4096, metrics=ServerMetrics())
@@ -152,7 +158,9 @@ def test_eviction_under_a_small_bound(lm, hf, prompts):
     finally:
         e.shutdown()
     cache = PrefixCache(max_tokens=32, block_size=4)
-    kv = lambda layer, i, j: (torch.full((1, j - i, 2), float(i)), torch.full((1, j - i, 2), float(-i)))  # noqa: E731
+    def kv(layer, i, j):  # position p's K is p, its V -p: a lookup must give them back in order
+        k = torch.arange(i, j, dtype=torch.float32)[None, :, None].expand(1, j - i, 2)
+        return k, -k
     cache.insert([1, 2, 3, 4, 5, 6, 7, 8, 9], 9, 1, kv)  # blocks A=[1..4], B=[5..8]
     cache.insert([1, 2, 3, 4, 7, 7, 7, 7], 8, 1, kv)  # A shared, C=[7,7,7,7]
     assert len(cache.blocks) == 3
@@ -161,8 +169,8 @@ def test_eviction_under_a_small_bound(lm, hf, prompts):
     for i in range(3):  # 6 more blocks: 9 > 8, the least recently used leaves go first, A (shared) stays
         cache.insert([1, 2, 3, 4, 20 + i, 0, 0, 0, 30 + i, 0, 0, 0], 12, 1, kv)
     assert len(cache.blocks) == 8 and len(cache.lookup([1, 2, 3, 4, 0])) == 1
-    k, v = PrefixCache.stacked(cache.lookup([1, 2, 3, 4, 22, 0, 0, 0, 32, 0, 0, 0, 5]), 0)
-    assert k.shape == (1, 1, 12, 2) and k[0, 0, :, 0].tolist() == [0.0] * 4 + [4.0] * 4 + [8.0] * 4
+    k, v = cache.stacked(cache.lookup([1, 2, 3, 4, 22, 0, 0, 0, 32, 0, 0, 0, 5]), 0)
+    assert k.shape == (1, 1, 12, 2) and k[0, 0, :, 0].tolist() == list(range(12)) and torch.equal(v, -k)
     with pytest.raises(ValueError, match="at least one block"):
         PrefixCache(max_tokens=8, block_size=16)
 
@@ -170,7 +178,9 @@ def test_eviction_under_a_small_bound(lm, hf, prompts):
 def test_a_cancel_while_blocks_are_shared_leaves_them_intact(engine, hf, prompts):
     ids = prompts[3]
     run(engine, ids)
-    before = {key: (b.k[0].clone(), b.v[0].clone()) for key, b in engine.prefix_cache.blocks.items()}
+    idle(engine)  # the finished row's blocks are put in the cache after its last token is sent
+    pc = engine.prefix_cache
+    before = {key: pc.stacked([b], 0) for key, b in pc.blocks.items()}
     jobs = [submit(engine, ids, n=40) for _ in range(3)]
     while len(jobs[1][2]) < 5:  # the second is well into its reply
         threading.Event().wait(0.005)
@@ -178,7 +188,9 @@ def test_a_cancel_while_blocks_are_shared_leaves_them_intact(engine, hf, prompts
     for i in (0, 2):
         assert jobs[i][1].wait(60)
         assert_exact(hf, ids, jobs[i][2])
+    idle(engine)
     for key, (k, v) in before.items():
         if key in engine.prefix_cache.blocks:
-            assert torch.equal(engine.prefix_cache.blocks[key].k[0], k) and torch.equal(engine.prefix_cache.blocks[key].v[0], v)
+            now_k, now_v = pc.stacked([pc.blocks[key]], 0)
+            assert torch.equal(now_k, k) and torch.equal(now_v, v)
     assert_exact(hf, ids, run(engine, ids))

@@ -307,9 +307,8 @@ class Engine:
     def _cached_prefix(self, req: Request) -> tuple[DynamicCache, int]:
         """A prefill cache holding the request's cached prefix, and its length."""
         cache = DynamicCache()
-        for layer in range(self.num_layers):
-            if req.cached:
-                cache.update(*self.prefix_cache.stacked(req.cached, layer), layer)
+        for layer in range(self.num_layers if req.cached else 0):
+            cache.update(*self.prefix_cache.stacked(req.cached, layer), layer)
         return cache, len(req.prompt_ids) - self._uncached(req)
 
     @property

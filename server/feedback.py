@@ -296,9 +296,13 @@ class FeedbackStore:
                 f"--max-votes-per-annotator-per-day {max_per_day} allows; the count resets at 00:00 UTC "
                 f"(in {int(left // 3600)}h{int(left % 3600 // 60):02d}m)")
 
-    def battles(self) -> list[tuple[str, str, str]]:
-        """(left model, right model, choice) of every vote, in vote order."""
-        q = (sa.select(comparisons.c.left_model, comparisons.c.right_model, votes.c.choice)
+    def battles(self, responses: bool = False) -> list[tuple]:
+        """(left model, right model, choice) of every vote, in vote order; with responses,
+        also (..., left response, right response), for style control."""
+        columns = [comparisons.c.left_model, comparisons.c.right_model, votes.c.choice]
+        if responses:
+            columns += [comparisons.c.left_response, comparisons.c.right_response]
+        q = (sa.select(*columns)
              .join(comparisons, votes.c.comparison_id == comparisons.c.comparison_id).order_by(votes.c.seq))
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(q)]

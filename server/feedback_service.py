@@ -236,9 +236,9 @@ class FeedbackService(fb_grpc.FeedbackServicer):
         low, high = PRIOR_SD_RANGE
         if not low <= prior_sd <= high:  # NaN fails too
             raise InvalidArgumentError("prior_sd", f"must be in [{low:g}, {high:g}] Elo points, got {prior_sd}")
-        rows = await self._db(self.store.voted_comparisons)
-        votes = [(r["left_model"], r["right_model"], r["choice"]) for r in rows]
-        responses = [(r["left_response"], r["right_response"]) for r in rows]
+        rows = await self._db(self.store.battles, True)  # not voted_comparisons: prompts are not needed
+        votes = [r[:3] for r in rows]
+        responses = [r[3:] for r in rows]
         r = await asyncio.get_running_loop().run_in_executor(
             self.ratings_pool, rate, votes, rounds, request.seed if request.HasField("seed") else 0, prior_sd, responses)
         return fb_pb.Leaderboard(

@@ -116,12 +116,12 @@ def _precision(m: int, prior_sd: float | None) -> np.ndarray:
     return np.full(m, BT_RIDGE if prior_sd is None else (ELO_PER_NAT / prior_sd) ** 2)
 
 
-def _centred(theta: np.ndarray, hess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _centred(theta: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Elo ratings centred on 1000 and their posterior sd, from log-strengths theta whose
-    posterior precision is hess (the covariance of theta - mean(theta) is P H^-1 P)."""
+    posterior covariance is cov (that of theta - mean(theta) is P cov P)."""
     m = len(theta)
     centre = np.eye(m) - 1.0 / m
-    cov = centre @ np.linalg.inv(hess) @ centre
+    cov = centre @ cov @ centre
     return ELO_INIT + ELO_PER_NAT * (theta - theta.mean()), ELO_PER_NAT * np.sqrt(np.clip(np.diag(cov), 0, None))
 
 
@@ -129,8 +129,8 @@ def bradley_terry(wins: np.ndarray, prior_sd: float | None = None) -> np.ndarray
     """Ratings (Elo scale, centred on 1000) from wins[i, j] = (possibly fractional) wins of i
     over j: maximum likelihood, or the MAP under a N(1000, prior_sd^2) prior per model."""
     X, y, w = pair_rows(wins)
-    theta, hess = fit_logistic(X, y, w, _precision(wins.shape[0], prior_sd))
-    return _centred(theta, hess)[0]
+    theta, _ = fit_logistic(X, y, w, _precision(wins.shape[0], prior_sd))
+    return ELO_INIT + ELO_PER_NAT * (theta - theta.mean())
 
 
 def matchup_weights(votes: list[tuple[str, str, str]], candidates: list[str],
@@ -268,22 +268,21 @@ def _plain_fit(battles, index, prior_sd, rounds, rng):
     if not m:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     precision = _precision(m, prior_sd)
-    X, y, w = pair_rows(_wins(battles, index))
-    theta, hess = fit_logistic(X, y, w, precision)
-    ratings, sd = _centred(theta, hess)
     cells: dict[tuple[int, int, float], int] = {}
     for a, b, s, *_ in battles:
         key = (index[a], index[b], s)
         cells[key] = cells.get(key, 0) + 1
     keys = list(cells)
-    Xc = np.zeros((len(keys), m))
+    X = np.zeros((len(keys), m))
     for r, (i, j, _) in enumerate(keys):
-        Xc[r, i], Xc[r, j] = 1.0, -1.0
-    yc = np.array([k[2] for k in keys])
-    probs = np.array([cells[k] for k in keys], dtype=float) / len(battles)
+        X[r, i], X[r, j] = 1.0, -1.0
+    y = np.array([k[2] for k in keys])
+    counts = np.array([cells[k] for k in keys], dtype=float)
+    theta, hess = fit_logistic(X, y, counts, precision)  # the cells weighted by their counts: every battle once
+    ratings, sd = _centred(theta, np.linalg.inv(hess))
     samples = np.empty((rounds, m))
     for r in range(rounds):
-        beta, _ = fit_logistic(Xc, yc, rng.multinomial(len(battles), probs).astype(float), precision, theta)
+        beta, _ = fit_logistic(X, y, rng.multinomial(len(battles), counts / len(battles)).astype(float), precision, theta)
         samples[r] = ELO_INIT + ELO_PER_NAT * (beta - beta.mean())
     return (ratings, *_interval(ratings, sd, samples))
 
@@ -313,17 +312,14 @@ def _style_fit(battles, index, prior_sd, rounds, rng):
     precision = _precision(m + len(features), prior_sd)
     beta, hess = fit_logistic(X, y, np.ones(n), precision)
     cov = np.linalg.inv(hess)
-    theta = beta[:m]
-    centre = np.eye(m) - 1.0 / m
-    ratings = ELO_INIT + ELO_PER_NAT * (theta - theta.mean())
-    sd = ELO_PER_NAT * np.sqrt(np.clip(np.diag(centre @ cov[:m, :m] @ centre), 0, None))
+    ratings, sd = _centred(beta[:m], cov[:m, :m])
     coef, coef_sd = ELO_PER_NAT * beta[m:], ELO_PER_NAT * np.sqrt(np.diag(cov)[m:])
-    samples = np.empty((rounds, m + len(features)))
+    rating_samples, coef_samples = np.empty((rounds, m)), np.empty((rounds, len(features)))
     for r in range(rounds):
         b, _ = fit_logistic(X, y, rng.multinomial(n, np.full(n, 1.0 / n)).astype(float), precision, beta)
-        samples[r] = ELO_PER_NAT * np.concatenate([b[:m] - b[:m].mean(), b[m:]]) + np.r_[np.full(m, ELO_INIT),
-                                                                                         np.zeros(len(features))]
-    lower, upper = _interval(ratings, sd, samples[:, :m])
-    c_lower, c_upper = _interval(coef, coef_sd, samples[:, m:])
+        rating_samples[r] = ELO_INIT + ELO_PER_NAT * (b[:m] - b[:m].mean())
+        coef_samples[r] = ELO_PER_NAT * b[m:]
+    lower, upper = _interval(ratings, sd, rating_samples)
+    c_lower, c_upper = _interval(coef, coef_sd, coef_samples)
     effects = [StyleEffect(f, float(coef[k]), float(c_lower[k]), float(c_upper[k])) for k, f in enumerate(features)]
     return (ratings, lower, upper), effects

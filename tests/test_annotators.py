@@ -17,7 +17,7 @@ from rlhfkit.clients.client import comparison_request, leaderboard_request
 from rlhfkit.server.agreement import annotator_report
 from rlhfkit.server.errors import QuotaExceededError
 from rlhfkit.server.feedback import FeedbackStore, VoteConflictError, database_url, utc_midnight, votes
-from test_feedback_store import first_votes_table, postgres_schema
+from test_feedback_store import add_old_rows, first_votes_table, postgres_schema
 
 
 def utc(*args) -> float:
@@ -101,13 +101,7 @@ def test_reward_columns_migrated_into_an_older_store(url):
     engine = sa.create_engine(database_url(url))
     old = previous_schema(sa.MetaData())
     old.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(old.tables["rlhfkit_comparisons"].insert().values(
-            comparison_id="c" * 32, created_at=1.0, prompt="old", source="models", left_model="a",
-            left_model_version="a@1", left_response="A", right_model="b", right_model_version="b@1",
-            right_response="B", sampling="{}"))
-        conn.execute(old.tables["rlhfkit_votes"].insert().values(
-            vote_id="v" * 32, comparison_id="c" * 32, annotator_id="ann", choice="left", created_at=2.0))
+    add_old_rows(engine, old, "old", "left")
     before = {c["name"] for c in sa.inspect(engine).get_columns("rlhfkit_comparisons")}
     assert not before & {"left_reward", "right_reward", "reward_model"}
     store = FeedbackStore(url)

@@ -237,17 +237,22 @@ def test_messages_round_trip(store, url):
     assert json.loads(raw) == CONVERSATION
 
 
+def add_old_rows(engine, old: sa.MetaData, prompt: str, choice: str):
+    """One comparison (a vs b, responses A and B) and one vote on it, in an older schema."""
+    with engine.begin() as conn:
+        conn.execute(old.tables["rlhfkit_comparisons"].insert().values(
+            comparison_id="c" * 32, created_at=1.0, prompt=prompt, source="models", left_model="a",
+            left_model_version="a@1", left_response="A", right_model="b", right_model_version="b@1",
+            right_response="B", sampling="{}"))
+        conn.execute(old.tables["rlhfkit_votes"].insert().values(
+            vote_id="v" * 32, comparison_id="c" * 32, annotator_id="ann", choice=choice, created_at=2.0))
+
+
 def test_old_store_is_migrated_on_open(url):
     engine = sa.create_engine(database_url(url))
     old = old_schema(sa.MetaData())
     old.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(old.tables["rlhfkit_comparisons"].insert().values(
-            comparison_id="c" * 32, created_at=1.0, prompt="old prompt", source="models", left_model="a",
-            left_model_version="a@1", left_response="A", right_model="b", right_model_version="b@1",
-            right_response="B", sampling="{}"))
-        conn.execute(old.tables["rlhfkit_votes"].insert().values(
-            vote_id="v" * 32, comparison_id="c" * 32, annotator_id="ann", choice="right", created_at=2.0))
+    add_old_rows(engine, old, "old prompt", "right")
     assert "messages" not in {c["name"] for c in sa.inspect(engine).get_columns("rlhfkit_comparisons")}
     stores = [FeedbackStore(url), FeedbackStore(url)]  # two replicas opening it at once
     errors = []

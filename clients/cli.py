@@ -381,8 +381,10 @@ def check_feedback_args(args):
     if args.prior_sd is not None and not (PRIOR_SD_RANGE[0] <= args.prior_sd <= PRIOR_SD_RANGE[1]):
         args.parser.error(f"--prior-sd must be in [{PRIOR_SD_RANGE[0]:g}, {PRIOR_SD_RANGE[1]:g}] Elo points (the "
                           f"prior's standard deviation), got {args.prior_sd}")
-    if args.days is not None and not 1 <= args.days <= 366:
-        args.parser.error(f"--days must be in [1, 366], got {args.days}")
+    from rlhfkit.server.agreement import MAX_DAYS
+
+    if args.days is not None and not 1 <= args.days <= MAX_DAYS:
+        args.parser.error(f"--days must be in [1, {MAX_DAYS}], got {args.days}")
     if args.bootstrap_rounds < 0:
         args.parser.error(f"--bootstrap-rounds must be >= 0 (0: the server's default), got {args.bootstrap_rounds}")
 

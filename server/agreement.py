@@ -116,6 +116,9 @@ def reward_agreement(rows: list[dict]) -> dict[str, tuple[float, int]]:
     return {a: (agree[a] / n, n) for a, n in counted.items()}
 
 
+MAX_DAYS = 366  # the longest window of votes per day a report gives (GetAnnotators, --days)
+
+
 def annotator_report(rows: list[dict], max_votes_per_day: int = 0, days: int = 14, now: float | None = None):
     """The AnnotatorReport (rlhfkit.v1) of voted comparisons (FeedbackStore.voted_comparisons
     rows): votes in all, today and on each of the last `days` UTC days (today included; only

@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToJson
 from rlhfkit.chat import as_messages, has_chat_template
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.server import limits as lim
-from rlhfkit.server.agreement import annotator_report
+from rlhfkit.server.agreement import MAX_DAYS, annotator_report
 from rlhfkit.server.auth import NO_CALLER, caller, is_admin
 from rlhfkit.server.errors import (REQUEST_ERRORS, EngineStoppedError, LimitExceededError, ModelNotFoundError,
                                    NotEnoughModelsError, PermissionDeniedError)
@@ -256,8 +256,8 @@ class FeedbackService(fb_grpc.FeedbackServicer):
 
     async def GetAnnotators(self, request: fb_pb.GetAnnotatorsRequest, context=None) -> fb_pb.AnnotatorReport:
         days = request.days or 14
-        if days > 366:
-            raise InvalidArgumentError("days", f"must be at most 366, got {days}")
+        if days > MAX_DAYS:
+            raise InvalidArgumentError("days", f"must be at most {MAX_DAYS}, got {days}")
         rows = await self._db(self.store.voted_comparisons)
         return await asyncio.get_running_loop().run_in_executor(
             self.ratings_pool, annotator_report, rows, self.max_votes_per_day, days)

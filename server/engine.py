@@ -31,7 +31,7 @@ from rlhfkit.server.detokenizer import IncrementalDetokenizer
 from rlhfkit.server.errors import EngineStoppedError, QueueFullError
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
 from rlhfkit.server.models import LoadedModel
-from rlhfkit.server.prefix_cache import PrefixCache
+from rlhfkit.server.prefix_cache import PrefixCache, Row
 
 log = logging.getLogger(__name__)
 
@@ -320,13 +320,10 @@ class Engine:
         0..lens[b]-1: the last sampled token has none yet)."""
         if self.prefix_cache is None:
             return
-        for b in rows:
-            seq = self._running[b]
-            if seq.request.cancelled:
-                continue
-            n, c = self._cache.lens[b], self._cache
-            self.prefix_cache.insert(seq.request.prompt_ids + seq.token_ids, n, self.num_layers,
-                                     lambda layer, i, j: (c.k[layer][b, :, i:j], c.v[layer][b, :, i:j]))
+        c = self._cache
+        done = [(b, self._running[b]) for b in rows if not self._running[b].request.cancelled]
+        self.prefix_cache.insert([Row(s.request.prompt_ids + s.token_ids, c.lens[b], b) for b, s in done],
+                                 self.num_layers, lambda layer: (c.k[layer], c.v[layer]))
 
     def _remove(self, rows: list[int]):
         if rows:
@@ -352,10 +349,8 @@ class Engine:
                          use_cache=True, logits_to_keep=1)
         prefill = output_cache(out)
         if self.prefix_cache is not None:
-            for row, r in enumerate(requests):
-                off = L - lens[row]  # left padding
-                self.prefix_cache.insert(r.prompt_ids, lens[row], self.num_layers, lambda layer, i, j: (
-                    prefill.layers[layer].keys[row, :, off + i:off + j], prefill.layers[layer].values[row, :, off + i:off + j]))
+            self.prefix_cache.insert([Row(r.prompt_ids, n, row, L - n) for row, (r, n) in enumerate(zip(requests, lens))],
+                                     self.num_layers, lambda layer: (prefill.layers[layer].keys, prefill.layers[layer].values))
         self._join(requests, out.logits[:, -1], prefill, lens)
 
     def _prefill_chunk(self):
@@ -376,8 +371,8 @@ class Engine:
             self._partial = None
             if self.prefix_cache is not None:
                 cache = p.cache
-                self.prefix_cache.insert(req.prompt_ids, end, self.num_layers, lambda layer, i, j: (
-                    cache.layers[layer].keys[0, :, i:j], cache.layers[layer].values[0, :, i:j]))
+                self.prefix_cache.insert([Row(req.prompt_ids, end)], self.num_layers,
+                                         lambda layer: (cache.layers[layer].keys, cache.layers[layer].values))
             self._join([req], out.logits[:, -1], p.cache, [end])
 
     def _join(self, requests: list[Request], last_logits: torch.Tensor, prefill: DynamicCache, lens: list[int]):

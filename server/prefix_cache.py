@@ -11,8 +11,9 @@ blocks were seen before is prefilled from the end of its cached prefix only.
   never a wrong hit.
 - Blocks live in one preallocated pool per layer ([max_blocks, kv_heads, block_size,
   head_dim], made at the first insert), as vLLM's block pool: an insert copies into free
-  slots with one copy per layer and allocates nothing. (Allocating each block afresh cost a
-  burst of 64 finished rows ~400 ms of page faults and 12,288 small copies in one step.)
+  slots, one copy per run of consecutive blocks and layer, and allocates nothing.
+  (Allocating each block afresh cost a burst of 64 finished rows ~400 ms of page faults and
+  12,288 small copies in one step.)
   What a running request does to its own slot row (or a cancel) cannot change a block.
 - The cache is filled from a prompt right after its prefill, and from a sequence's whole
   row (prompt and reply) when it finishes, so a conversation's next turn reuses its history
@@ -31,9 +32,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+
+
+class Row(NamedTuple):
+    """Tokens to cache from one row of a K/V source (see PrefixCache.insert)."""
+
+    ids: list[int]
+    n_cached: int  # K/V exists for ids[:n_cached]
+    row: int = 0  # its row in the source tensors
+    offset: int = 0  # where its token 0 sits there (left padding)
 
 
 @dataclass(eq=False)
@@ -80,45 +90,51 @@ class PrefixCache:
         self._touch(found)
         return found
 
-    def insert(self, ids: list[int], n_cached: int, num_layers: int,
-               kv: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]):
-        """Cache the whole blocks of ids[:n_cached] (at most max_blocks of them), whose K/V
-        kv(layer, start, end) gives ([kv_heads, end - start, head_dim] each); blocks already
-        cached are only touched."""
-        chain = []
-        for key, parent, tokens in self._chain(ids, min(n_cached // self.block_size, self.max_blocks)):
-            block = self.blocks.get(key)
-            if block is not None and (block.parent != parent or block.tokens != tokens):
-                break  # a hash collision: keep the cached block, cache nothing past it
-            chain.append((key, parent, tokens, block))
-        self._touch([block for *_, block in chain if block is not None])
-        new = [i for i, (*_, block) in enumerate(chain) if block is None]
-        if new:
-            B = self.block_size
-            first = new[0]
-            slots = []
-            for i in new:
-                if not self.free:  # the least recently used block; never this chain's (touched above)
-                    self.free.append(self.blocks.popitem(last=False)[1].slot)
-                key, parent, tokens, _ = chain[i]
-                block = Block(key, parent, tokens, self.free.pop())
-                self.blocks[key] = block
-                chain[i] = (key, parent, tokens, block)
-                slots.append(block.slot)
-            rel = torch.tensor([i - first for i in new])
-            contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-            for layer in range(num_layers):
-                k, v = kv(layer, first * B, (new[-1] + 1) * B)
-                if not self.k or len(self.k) <= layer:
-                    self.k.append(k.new_empty((self.max_blocks, k.shape[0], B, k.shape[2])))
-                    self.v.append(v.new_empty((self.max_blocks, v.shape[0], B, v.shape[2])))
-                for pool, src in ((self.k[layer], k), (self.v[layer], v)):
-                    src = src.unflatten(1, (-1, B))[:, rel.to(src.device)].transpose(0, 1)
-                    if contiguous:  # consecutive free slots (the usual case): a plain copy, no scatter
-                        pool[slots[0]:slots[0] + len(slots)].copy_(src)
-                    else:
-                        pool[torch.tensor(slots, device=src.device)] = src
-        self._touch([block for *_, block in chain])
+    def insert(self, rows: list[Row], num_layers: int, source: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
+        """Cache the whole blocks of each row's ids[:n_cached] (at most max_blocks of them);
+        source(layer) gives that layer's (K, V), each [rows, kv_heads, positions, head_dim], in
+        which token t of a row sits at [row.row, :, row.offset + t]. Blocks already cached are
+        only touched."""
+        # slot -> (source row, first position) of each block to copy; keyed by slot, so a slot
+        # evicted and reused within this insert is copied once, for its last block.
+        pending: dict[int, tuple[int, int]] = {}
+        for r in rows:
+            chain = []
+            for key, parent, tokens in self._chain(r.ids, min(r.n_cached // self.block_size, self.max_blocks)):
+                block = self.blocks.get(key)
+                if block is not None and (block.parent != parent or block.tokens != tokens):
+                    break  # a hash collision: keep the cached block, cache nothing past it
+                chain.append((key, parent, tokens, block))
+            self._touch([block for *_, block in chain if block is not None])
+            for i, (key, parent, tokens, block) in enumerate(chain):
+                if block is None:
+                    if not self.free:  # the least recently used block; never this chain's (touched above)
+                        self.free.append(self.blocks.popitem(last=False)[1].slot)
+                    block = Block(key, parent, tokens, self.free.pop())
+                    self.blocks[key] = block
+                    pending[block.slot] = (r.row, r.offset + i * self.block_size)
+                    chain[i] = (key, parent, tokens, block)
+            self._touch([block for *_, block in chain])
+        if not pending:
+            return
+        # Runs of blocks consecutive in both their source row and the pool (the usual case:
+        # a row's new blocks get consecutive free slots) are copied with one copy_ each, from a
+        # view, so no temporary is made (each fresh temporary page-faulted on this CPU: an
+        # advanced-index gather of 64 finished rows cost ~70,000 faults and ~170 ms).
+        runs: list[list[int]] = []  # [first slot, source row, first position, blocks]
+        for slot, (row, start) in pending.items():
+            last = runs[-1] if runs else None
+            if last and slot == last[0] + last[3] and row == last[1] and start == last[2] + last[3] * self.block_size:
+                last[3] += 1
+            else:
+                runs.append([slot, row, start, 1])
+        for layer in range(num_layers):
+            for pools, src in zip((self.k, self.v), source(layer)):
+                if len(pools) <= layer:
+                    pools.append(src.new_empty((self.max_blocks, src.shape[1], self.block_size, src.shape[3])))
+                for slot, row, start, n in runs:
+                    view = src[row, :, start:start + n * self.block_size].unflatten(1, (n, self.block_size))
+                    pools[layer][slot:slot + n].copy_(view.transpose(0, 1))
 
     def _touch(self, chain: list[Block]):
         for block in reversed(chain):

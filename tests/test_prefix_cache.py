@@ -13,7 +13,7 @@ from rlhfkit.kernels import SamplingParams
 from rlhfkit.server.engine import Engine
 from rlhfkit.server.metrics import ServerMetrics
 from rlhfkit.server.models import load_checkpoint
-from rlhfkit.server.prefix_cache import PrefixCache
+from rlhfkit.server.prefix_cache import PrefixCache, Row
 from rlhfkit.training.tiny import sample_corpus
 
 N = 10
@@ -158,21 +158,38 @@ def test_eviction_under_a_small_bound(lm, hf, prompts):
     finally:
         e.shutdown()
     cache = PrefixCache(max_tokens=32, block_size=4)
-    def kv(layer, i, j):  # position p's K is p, its V -p: a lookup must give them back in order
-        k = torch.arange(i, j, dtype=torch.float32)[None, :, None].expand(1, j - i, 2)
+    def kv(layer):  # position p's K is p, its V -p: a lookup must give them back in order
+        k = torch.arange(16, dtype=torch.float32)[None, None, :, None].expand(1, 1, 16, 2)
         return k, -k
-    cache.insert([1, 2, 3, 4, 5, 6, 7, 8, 9], 9, 1, kv)  # blocks A=[1..4], B=[5..8]
-    cache.insert([1, 2, 3, 4, 7, 7, 7, 7], 8, 1, kv)  # A shared, C=[7,7,7,7]
+    cache.insert([Row([1, 2, 3, 4, 5, 6, 7, 8, 9], 9)], 1, kv)  # blocks A=[1..4], B=[5..8]
+    cache.insert([Row([1, 2, 3, 4, 7, 7, 7, 7], 8)], 1, kv)  # A shared, C=[7,7,7,7]
     assert len(cache.blocks) == 3
     assert [len(cache.lookup(p)) for p in ([1, 2, 3, 4, 5, 6, 7, 8, 0], [1, 2, 3, 4, 7, 7, 7, 7, 0])] == [2, 2]
     assert len(cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])) == 1  # whole prompt cached: one token must be left
     for i in range(3):  # 6 more blocks: 9 > 8, the least recently used leaves go first, A (shared) stays
-        cache.insert([1, 2, 3, 4, 20 + i, 0, 0, 0, 30 + i, 0, 0, 0], 12, 1, kv)
+        cache.insert([Row([1, 2, 3, 4, 20 + i, 0, 0, 0, 30 + i, 0, 0, 0], 12)], 1, kv)
     assert len(cache.blocks) == 8 and len(cache.lookup([1, 2, 3, 4, 0])) == 1
     k, v = cache.stacked(cache.lookup([1, 2, 3, 4, 22, 0, 0, 0, 32, 0, 0, 0, 5]), 0)
     assert k.shape == (1, 1, 12, 2) and k[0, 0, :, 0].tolist() == list(range(12)) and torch.equal(v, -k)
     with pytest.raises(ValueError, match="at least one block"):
         PrefixCache(max_tokens=8, block_size=16)
+
+
+def test_one_insert_of_many_rows_copies_each_block_from_its_own_row():
+    # Row r's K at position p is 1000 r + p (V its negative); row 1 is left-padded by 4.
+    k = (1000 * torch.arange(3.0)[:, None] + torch.arange(12.0))[:, None, :, None].expand(3, 1, 12, 2)
+    cache = PrefixCache(max_tokens=12, block_size=4)  # 3 blocks: the 6 new ones evict within the insert
+    rows = [Row([1, 2, 3, 4, 5, 6, 7, 8, 9], 8, 0), Row([9, 9, 9, 9, 8, 8, 8, 8, 1], 8, 1, 4),
+            Row([5, 5, 5, 5, 6, 6, 6, 6, 2], 8, 2)]
+    cache.insert(rows, 1, lambda layer: (k, -k))
+    assert len(cache.blocks) == 3 and sorted(b.slot for b in cache.blocks.values()) == [0, 1, 2]
+    found = cache.lookup(rows[2].ids)  # both its blocks stay (the most recent), in slots reused from row 0
+    assert len(found) == 2
+    got_k, got_v = cache.stacked(found, 0)
+    assert got_k[0, 0, :, 0].tolist() == [2000.0 + p for p in range(8)] and torch.equal(got_v, -got_k)
+    found = cache.lookup(rows[1].ids)  # its second block was evicted for row 2's; its first is intact
+    assert len(found) == 1 and cache.stacked(found, 0)[0][0, 0, :, 0].tolist() == [1004.0, 1005.0, 1006.0, 1007.0]
+    assert cache.lookup(rows[0].ids) == []
 
 
 def test_a_cancel_while_blocks_are_shared_leaves_them_intact(engine, hf, prompts):

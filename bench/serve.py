@@ -41,6 +41,9 @@ Workloads (`--workload`, one or more, or `all`; default `closed`):
 
 Percentiles: TTFT/TPOT of the new workloads use numpy's linear interpolation (p99 of 40
 requests is close to the max); the closed burst keeps its nearest-rank percentiles.
+The closed burst also measures the host's matmul roofline in this process before any server
+starts: the 2048^3 GEMM rate in the run's dtype over the model's matmul FLOPs per token (2 x
+its linear layers' weights), and reports each engine's 64-stream tok/s as a fraction of it.
 The ratios the issue's goals ask for (native / vLLM throughput on the closed 64-stream burst
 and on open-loop at the highest rate both ran; shared-prefix and multi-turn TTFT p50 of the
 native engine with the cache over without it and over vLLM; the detokenizer's share) are in
@@ -562,6 +565,34 @@ def detokenizer_share(policy: Path, args, prompts: list[list[int]]) -> dict:
 # ---- results ---------------------------------------------------------------------------------
 
 
+def matmul_roofline(model, dtype: torch.dtype, streams: int) -> dict:
+    """The host's GEMM rate in this dtype (median of repeats, in this process, before any
+    server starts) and the model's matmul FLOPs per generated token (2 x the weights of its
+    linear layers, lm_head included; attention scores, norms and activations not counted):
+    their quotient is the tok/s a step made of nothing but those GEMMs would reach."""
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flops = 2 * sum(m.weight.numel() for m in linear)
+
+    def rate(m: int, k: int, n: int, repeats: int) -> float:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return 2 * m * k * n / float(np.median(times))
+
+    widest = max(linear, key=lambda m: m.weight.numel())
+    square = rate(2048, 2048, 2048, 7)
+    decode = rate(streams, widest.in_features, widest.out_features, 200)
+    return {"flops_per_token": flops, "gemm_2048_gflops": square / 1e9,
+            f"gemm_{streams}x{widest.in_features}x{widest.out_features}_gflops": decode / 1e9,
+            "roofline_tokens_per_s": square / flops,
+            "definition": "fraction = engine tok/s x flops_per_token / the 2048^3 GEMM rate"}
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -592,6 +623,17 @@ def ratios_and_goals(result: dict, args) -> tuple[dict, dict]:
             for r in result.get(other, []):
                 if r["streams"] in by_streams:
                     ratios[f"native_over_{other}_{r['streams']}_streams"] = by_streams[r["streams"]]["tokens_per_s"] / r["tokens_per_s"]
+        roof = result.get("roofline")
+        if roof:
+            for e in ("native", "native_nocache", "vllm"):
+                for r in result.get(e, []):
+                    if r["streams"] == max(by_streams):
+                        ratios[f"{e}_{r['streams']}_streams_fraction_of_matmul_roofline"] = (
+                            r["tokens_per_s"] / roof["roofline_tokens_per_s"])
+            v = ratios.get(f"native_{max(by_streams)}_streams_fraction_of_matmul_roofline")
+            if v is not None and max(by_streams) == 64:
+                goals["closed_64_streams_native_fraction_of_matmul_roofline"] = {"value": v, "goal": ">= 0.4",
+                                                                                "met": v >= 0.4}
         if 1 in by_streams and 8 in by_streams:
             ratios["ttft_p50_8_streams_over_1"] = by_streams[8]["ttft_p50_s"] / by_streams[1]["ttft_p50_s"]
         top = max(by_streams)
@@ -841,6 +883,11 @@ def main(argv=None):
                   "dtype": args.dtype, "cpu_model": cpu_model(),
                   "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
                   "torch": torch.__version__, "transformers": transformers.__version__}
+        if "closed" in args.workload:
+            result["roofline"] = matmul_roofline(model, getattr(torch, args.dtype), max(args.streams))
+            print(f"matmul roofline: {result['roofline']['gemm_2048_gflops']:.0f} GFLOP/s, "
+                  f"{result['roofline']['flops_per_token'] / 1e6:.1f} MFLOP/token: "
+                  f"{result['roofline']['roofline_tokens_per_s']:.0f} tok/s", flush=True)
         if vpy:
             result["vllm_env"] = versions_of(vpy)
             result["vllm_version"] = result["vllm_env"].get("vllm")

@@ -27,6 +27,7 @@ from rlhfkit.chat import end_token_ids
 from rlhfkit.hf import cache_kwargs, output_cache
 from rlhfkit.errors import InvalidArgumentError
 from rlhfkit.kernels import SamplingParams, logprobs_from_logits, sample_tokens, sampling_tensors
+from rlhfkit.server import cpu_attention
 from rlhfkit.server.detokenizer import IncrementalDetokenizer
 from rlhfkit.server.errors import EngineStoppedError, QueueFullError
 from rlhfkit.server.kv_cache import SlotKVCache, swap_remove
@@ -149,6 +150,11 @@ class Engine:
         # cache is verified for full attention only, so such models run without it.
         self.prefix_cache = (PrefixCache(prefix_cache_tokens, prefix_block_size)
                              if prefix_cache_tokens >= prefix_block_size and not lm.attention.sliding else None)
+        # Decode attention on the CPU: the C++ kernel (server/cpu_attention.py) for models on
+        # sdpa with full attention; transformers' sdpa still runs every other forward.
+        if (self.device.type == "cpu" and lm.attention.attn_implementation == "sdpa" and not lm.attention.sliding
+                and cpu_attention.available()):
+            self.model.set_attn_implementation(cpu_attention.register())
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Sequence] = []  # row b of the cache is self._running[b]
         self._cache: SlotKVCache | None = None

@@ -13,9 +13,10 @@ its own kernel for the same reason).
   bf16 and fp16, accumulated in fp32. The reference is torch's scaled_dot_product_attention
   (tests/test_cpu_attention.py compares it with float64 math).
 - `attention_forward` is registered with transformers as the attention implementation
-  "rlhfkit_cpu" (masks made as for sdpa): a CPU query of length 1 with no dropout, softcap,
-  sinks or window takes the kernel; everything else (prefill, training, CUDA) goes to
-  transformers' own sdpa function, unchanged.
+  "rlhfkit_cpu" (masks made as for sdpa): a CPU query of length 1, without gradients,
+  dropout, softcap, sinks, position bias or a window shorter than its columns, with a
+  [B, 1, 1, W] boolean mask or none, takes the kernel; everything else (prefill, training,
+  CUDA, other masks) goes to transformers' own sdpa function, unchanged.
 - The extension is built on first use with torch.utils.cpp_extension (gcc, ninja; ~1 min,
   cached per machine under ~/.cache/torch_extensions). `available()` says whether it built;
   when it cannot, the engine keeps sdpa and logs why once. RLHFKIT_CPU_ATTENTION=0 turns it off.
@@ -24,8 +25,11 @@ its own kernel for the same reason).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -114,7 +118,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, c10::optio
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_attention", &decode_attention); }
+// The GIL is released while it runs, as torch's own ops do: gRPC and scoring threads go on.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+}
 """
 
 
@@ -126,11 +133,24 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline("rlhfkit_cpu_attention", cpp_sources=[_SOURCE], with_cuda=False,
+        # -march=native: the build is named after this CPU, so a cache shared by machines of
+        # different CPUs (a network home, an image) never loads another's instructions.
+        name = f"rlhfkit_cpu_attention_{_cpu_id()}"
+        return load_inline(name, cpp_sources=[_SOURCE], with_cuda=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, no headers: sdpa stays
         log.warning("CPU decode attention kernel not built (%s); decode attention uses sdpa", str(e).splitlines()[0])
         return None
+
+
+def _cpu_id() -> str:
+    """A short digest of this CPU's model name and instruction-set flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor(), platform.machine()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
 def available() -> bool:
@@ -143,13 +163,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return _extension().decode_attention(q, k, v, mask, scale)
 
 
+# Arguments transformers' attention calls carry that do not change one decode query's result.
+_IGNORED = frozenset({"is_causal", "position_ids", "cache_position", "output_attentions", "use_cache",
+                      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+def _kernel_takes(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether this call is one the kernel computes exactly as sdpa would; else sdpa runs it."""
+    B, _, T, D = query.shape
+    window = kwargs.get("sliding_window")
+    others = [v for k, v in kwargs.items() if k not in _IGNORED and k != "sliding_window"]
+    return (query.device.type == "cpu" and T == 1 and not dropout and not module.training
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            and (window is None or window >= key.shape[2])  # a window as long as the columns hides none
+            and all(v is None or v is False for v in others)  # softcap, sinks, position bias...: sdpa
+            and key.shape == value.shape and key.shape[0] == B and key.shape[3] == D
+            and query.dtype == key.dtype == value.dtype
+            and query.stride(3) == key.stride(3) == value.stride(3) == 1
+            and (attention_mask is None or (attention_mask.dtype == torch.bool
+                                            and tuple(attention_mask.shape) == (B, 1, 1, key.shape[2])))
+            and available())
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention signature; returns (output [B, 1, Hq, D], None) like sdpa's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type != "cpu" or query.shape[2] != 1 or dropout or module.training
-            or kwargs.get("softcap") or kwargs.get("sliding_window") or kwargs.get("s_aux") is not None
-            or (attention_mask is not None and attention_mask.dtype != torch.bool) or not available()):
+    if not _kernel_takes(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -73,3 +73,34 @@ def test_inside_transformers_decode_takes_the_kernel_and_prefill_stays_sdpa(tiny
     # 5 decode steps on the kernel (batch 2, one query each); the prompt's forward on sdpa.
     assert calls and all(s[0] == 2 and s[2] == 1 for s in calls) and len(calls) == 5 * model.config.num_hidden_layers
     torch.testing.assert_close(torch.stack(out.logits, 1).double(), expect, atol=2e-5, rtol=2e-5)
+
+
+def test_only_calls_it_computes_exactly_reach_the_kernel():
+    module = torch.nn.Linear(1, 1).eval()
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    takes = lambda q=q, k=k, v=k, mask=mask, dropout=0.0, **kw: cpu_attention._kernel_takes(module, q, k, v, mask,
+                                                                                             dropout, kw)
+    assert takes() and takes(mask=None) and takes(sliding_window=6, position_ids=torch.zeros(2, 1), is_causal=True)
+    assert not takes(q=torch.randn(2, 4, 3, 8))  # prefill
+    assert not takes(sliding_window=5)  # a window shorter than the columns
+    assert not takes(softcap=30.0) and not takes(s_aux=torch.zeros(4)) and not takes(position_bias=torch.zeros(1))
+    assert not takes(mask=mask.float()) and not takes(mask=mask[:, :, :, :5]) and not takes(mask=torch.ones(2, 4, 1, 6).bool())
+    assert not takes(dropout=0.1) and not takes(v=torch.randn(2, 2, 6, 4)) and not takes(k=k.to(torch.bfloat16))
+    assert not takes(q=torch.randn(2, 4, 1, 8, requires_grad=True))  # no backward: autograd would lose it
+    with torch.no_grad():
+        assert takes(q=torch.randn(2, 4, 1, 8, requires_grad=True))
+    module.train()
+    assert not takes()
+
+
+def test_the_engine_selects_it_on_cpu(tiny_policy_dir):
+    from rlhfkit.server.engine import Engine
+    from rlhfkit.server.models import load_checkpoint
+
+    lm = load_checkpoint(tiny_policy_dir, "policy", "cpu")
+    engine = Engine(lm)
+    try:
+        assert lm.model.config._attn_implementation == cpu_attention.NAME
+    finally:
+        engine.shutdown()

@@ -690,6 +690,12 @@ def ratios_and_goals(result: dict, args) -> tuple[dict, dict]:
     return ratios, goals
 
 
+def ttft_lines(ax, x, rows: list[dict], color, ls, label: str):
+    """TTFT p50 (circles) and p99 (triangles, lighter) in ms of one engine's rows."""
+    ax.plot(x, [r["ttft_p50_s"] * 1e3 for r in rows], "o", ls=ls, color=color, label=f"{label} p50")
+    ax.plot(x, [r["ttft_p99_s"] * 1e3 for r in rows], "^", ls=ls, color=color, alpha=0.6, label=f"{label} p99")
+
+
 def plot(result: dict, path: Path):
     import matplotlib
 
@@ -727,9 +733,7 @@ def plot(result: dict, path: Path):
                 if e in result:
                     c, ls = styles[e]
                     x = [r["streams"] for r in result[e]]
-                    ax.plot(x, [r["ttft_p50_s"] * 1e3 for r in result[e]], "o", ls=ls, color=c, label=f"{LABELS[e]} TTFT p50")
-                    ax.plot(x, [r["ttft_p99_s"] * 1e3 for r in result[e]], "^", ls=ls, color=c, alpha=0.6,
-                            label=f"{LABELS[e]} TTFT p99")
+                    ttft_lines(ax, x, result[e], c, ls, f"{LABELS[e]} TTFT")
                     ax.plot(x, [r["itl_p50_s"] * 1e3 for r in result[e]], "s", ls=ls, color=c, alpha=0.4,
                             label=f"{LABELS[e]} inter-token p50")
             ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="closed burst: latency")
@@ -750,10 +754,7 @@ def plot(result: dict, path: Path):
             for e in engines:
                 if e in ol:
                     c, ls = styles[e]
-                    x = [r["rate"] for r in ol[e]]
-                    ax.plot(x, [r["ttft_p50_s"] * 1e3 for r in ol[e]], "o", ls=ls, color=c, label=f"{LABELS[e]} p50")
-                    ax.plot(x, [r["ttft_p99_s"] * 1e3 for r in ol[e]], "^", ls=ls, color=c, alpha=0.6,
-                            label=f"{LABELS[e]} p99")
+                    ttft_lines(ax, [r["rate"] for r in ol[e]], ol[e], c, ls, LABELS[e])
             ax.axhline(ol["config"]["ttft_slo_s"] * 1e3, color="red", lw=0.8, label="TTFT p99 bound")
             ax.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="TTFT ms",
                    title="open loop: time to first token")
@@ -791,10 +792,7 @@ def plot(result: dict, path: Path):
                 if e in w:
                     c, ls = styles[e]
                     bt = w[e]["by_turn"]
-                    ax.plot([t["turn"] for t in bt], [t["ttft_p50_s"] * 1e3 for t in bt], "o", ls=ls, color=c,
-                            label=f"{LABELS[e]} p50")
-                    ax.plot([t["turn"] for t in bt], [t["ttft_p99_s"] * 1e3 for t in bt], "^", ls=ls, color=c,
-                            alpha=0.5, label=f"{LABELS[e]} p99")
+                    ttft_lines(ax, [t["turn"] for t in bt], bt, c, ls, LABELS[e])
             ax.set_xticks(range(1, w["config"]["turns"] + 1))
             ax.set(yscale="log", xlabel="turn (history resent)", ylabel="TTFT ms",
                    title=f"multi-turn: {w['config']['conversations']} conversations x {w['config']['turns']} turns")

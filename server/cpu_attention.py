@@ -172,11 +172,11 @@ def _kernel_takes(module, query, key, value, attention_mask, dropout, kwargs) ->
     """Whether this call is one the kernel computes exactly as sdpa would; else sdpa runs it."""
     B, _, T, D = query.shape
     window = kwargs.get("sliding_window")
-    others = [v for k, v in kwargs.items() if k not in _IGNORED and k != "sliding_window"]
+    others = [arg for name, arg in kwargs.items() if name not in _IGNORED and name != "sliding_window"]
     return (query.device.type == "cpu" and T == 1 and not dropout and not module.training
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
             and (window is None or window >= key.shape[2])  # a window as long as the columns hides none
-            and all(v is None or v is False for v in others)  # softcap, sinks, position bias...: sdpa
+            and all(arg is None or arg is False for arg in others)  # softcap, sinks, position bias...: sdpa
             and key.shape == value.shape and key.shape[0] == B and key.shape[3] == D
             and query.dtype == key.dtype == value.dtype
             and query.stride(3) == key.stride(3) == value.stride(3) == 1

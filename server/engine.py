@@ -331,6 +331,12 @@ class Engine:
         self.prefix_cache.insert([Row(s.request.prompt_ids + s.token_ids, c.lens[b], b) for b, s in done],
                                  self.num_layers, lambda layer: (c.k[layer], c.v[layer]))
 
+    def _cache_prompts(self, rows: list[Row], prefill: DynamicCache):
+        """Put just-prefilled prompts (rows of a prefill cache) in the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(rows, self.num_layers,
+                                     lambda layer: (prefill.layers[layer].keys, prefill.layers[layer].values))
+
     def _remove(self, rows: list[int]):
         if rows:
             self._cache.remove_rows(rows)
@@ -354,9 +360,7 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, DynamicCache()),
                          use_cache=True, logits_to_keep=1)
         prefill = output_cache(out)
-        if self.prefix_cache is not None:
-            self.prefix_cache.insert([Row(r.prompt_ids, n, row, L - n) for row, (r, n) in enumerate(zip(requests, lens))],
-                                     self.num_layers, lambda layer: (prefill.layers[layer].keys, prefill.layers[layer].values))
+        self._cache_prompts([Row(r.prompt_ids, n, row, L - n) for row, (r, n) in enumerate(zip(requests, lens))], prefill)
         self._join(requests, out.logits[:, -1], prefill, lens)
 
     def _prefill_chunk(self):
@@ -375,10 +379,7 @@ class Engine:
         p.done, p.decode_turn = end, True
         if end == len(req.prompt_ids):
             self._partial = None
-            if self.prefix_cache is not None:
-                cache = p.cache
-                self.prefix_cache.insert([Row(req.prompt_ids, end)], self.num_layers,
-                                         lambda layer: (cache.layers[layer].keys, cache.layers[layer].values))
+            self._cache_prompts([Row(req.prompt_ids, end)], p.cache)
             self._join([req], out.logits[:, -1], p.cache, [end])
 
     def _join(self, requests: list[Request], last_logits: torch.Tensor, prefill: DynamicCache, lens: list[int]):
